@@ -1,0 +1,129 @@
+"""Asynchronous pairwise gossip averaging on Poisson clocks.
+
+Boyd, Ghosh, Prabhakar & Shah, "Randomized Gossip Algorithms", IEEE Trans. Inf. Theory 2006,
+run as gossip learning (Ormándi, Hegedűs & Jelasity, "Gossip learning with linear models on
+fully distributed data", 2013): each node trains continuously, and each node's own Poisson
+clock of ``rate`` exchanges per second picks a live neighbour uniformly for a pairwise
+average. The exchange is one request/response: the initiator sends its model m_i, the peer
+answers with its model m_j, and both apply the same difference D = (m_i - m_j) / 2 with
+opposite signs (x_i -= D, x_j += D). Using the exchanged pair on both sides keeps the sum of
+the models exactly unchanged even when a node trains while the message is in flight.
+
+A "round" here is ``local_steps`` (K) training steps, for metrics and the round budget.
+
+Example::
+
+    rumor simulate --nodes 32 --topology ring --algorithm async-gossip --param rate=4
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import torch
+
+from rumor.algorithms.averaging import check_compatible, mixable, snapshot
+from rumor.algorithms.base import Context, MixingRule
+from rumor.protocol.bundle import Bundle, Message
+from rumor.protocol.errors import Code, PeerUnavailable, Rejected
+
+EXCHANGE_KIND = "async-gossip.exchange"
+REPLY_KIND = "async-gossip.reply"
+
+
+@torch.no_grad()
+def _apply_half_difference(
+    state: dict[str, torch.Tensor],
+    mine: dict[str, torch.Tensor],
+    theirs: dict[str, torch.Tensor],
+    sign: float,
+) -> None:
+    """state += sign * (mine - theirs) / 2, tensor by tensor."""
+    for k, t in state.items():
+        t.add_(mine[k] - theirs[k], alpha=0.5 * sign)
+
+
+class AsyncGossip(MixingRule):
+    """Asynchronous pairwise gossip averaging.
+
+    Parameters
+    ----------
+    rate:
+        Exchanges per second started by each node (its Poisson clock's rate).
+    local_steps:
+        K, training steps per round (a round only paces metrics and the budget).
+    exchange_timeout:
+        Seconds an exchange may take before it is abandoned.
+    """
+
+    name = "async-gossip"
+
+    def __init__(
+        self, rate: float = 2.0, local_steps: int = 1, exchange_timeout: float = 10.0
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        self.rate = float(rate)
+        self.local_steps = int(local_steps)
+        self.exchange_timeout = float(exchange_timeout)
+
+    async def run(self, ctx: Context) -> None:
+        done = asyncio.Event()
+        gossip = asyncio.ensure_future(self._gossip_loop(ctx, done))
+        try:
+            round = 0
+            while not ctx.should_stop(round):
+                async with ctx.lock:
+                    loss = await ctx.compute(ctx.trainer.train_steps, self.local_steps)
+                # Let exchanges that wait for the model in; training never starves them.
+                await asyncio.sleep(0)
+                ev = await ctx.maybe_evaluate(round)
+                ctx.end_round(round, loss=loss, eval=ev)
+                round += 1
+        finally:
+            done.set()
+            await asyncio.gather(gossip, return_exceptions=True)
+
+    async def _gossip_loop(self, ctx: Context, done: asyncio.Event) -> None:
+        state = mixable(ctx.model.state_dict())
+        async for _ in ctx.clock.poisson_ticks(self.rate, ctx.rng, done.is_set):
+            peers = ctx.neighbors()
+            if not peers:
+                continue
+            peer = ctx.rng.choice(peers)
+            async with ctx.lock:
+                mine = snapshot(state)
+            msg = ctx.message(EXCHANGE_KIND, bundle=Bundle(mine))
+            try:
+                reply = await ctx.request(peer, msg, self.exchange_timeout)
+            except (PeerUnavailable, Rejected) as exc:
+                ctx.log("exchange with %s failed: %s", peer, exc)
+                continue
+            if reply is None or reply.kind != REPLY_KIND or reply.bundle is None:
+                ctx.log("exchange with %s: unexpected answer", peer)
+                continue
+            try:
+                check_compatible(reply.bundle, state)
+            except Rejected as exc:
+                ctx.log("exchange with %s: %s", peer, exc)
+                continue
+            async with ctx.lock:
+                _apply_half_difference(state, mine, reply.bundle.tensors, -1.0)
+
+    async def on_message(self, ctx: Context, msg: Message) -> Message | None:
+        if msg.kind != EXCHANGE_KIND or msg.bundle is None:
+            raise Rejected(Code.INVALID_ARGUMENT, f"async-gossip does not handle {msg.kind!r}")
+        state = mixable(ctx.model.state_dict())
+        check_compatible(msg.bundle, state)
+        async with ctx.lock:
+            mine = snapshot(state)
+            _apply_half_difference(state, msg.bundle.tensors, mine, +1.0)
+        return ctx.message(REPLY_KIND, bundle=Bundle(mine))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "rate": self.rate,
+            "local_steps": self.local_steps,
+            "exchange_timeout": self.exchange_timeout,
+        }

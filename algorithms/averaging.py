@@ -1,0 +1,78 @@
+"""Shared tensor arithmetic for rules: compatibility checks, weighted in-place averaging,
+distances. Rules compose these; nothing here knows about peers or rounds.
+
+Averaging runs in place with one multiply and fused multiply-adds per tensor: temporaries
+such as ``torch.stack(...).mean(0)`` cost 4-5x more because fresh memory is page-faulted in
+(specs/transport-limits.md, section 4).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from rumor.protocol.bundle import Bundle
+from rumor.protocol.errors import Code, Rejected
+
+
+def mixable(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The floating-point entries of a state dict: parameters and float buffers.
+
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are counters, not averaged.
+    """
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def check_compatible(bundle: Bundle, reference: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a bundle whose tensors do not match ``reference`` by name, shape and dtype."""
+    missing = [k for k in reference if k not in bundle.tensors]
+    if missing:
+        raise Rejected(Code.FAILED_PRECONDITION, f"bundle lacks tensor {missing[0]!r}")
+    for name, ref in reference.items():
+        got = bundle.tensors[name]
+        if got.shape != ref.shape:
+            raise Rejected(
+                Code.FAILED_PRECONDITION,
+                f"tensor {name!r}: shape {list(got.shape)} does not match {list(ref.shape)}",
+            )
+        if got.dtype != ref.dtype:
+            raise Rejected(
+                Code.FAILED_PRECONDITION,
+                f"tensor {name!r}: dtype {got.dtype} does not match {ref.dtype}",
+            )
+
+
+@torch.no_grad()
+def weighted_average_(
+    target: Mapping[str, torch.Tensor],
+    self_weight: float,
+    others: Iterable[tuple[float, Mapping[str, torch.Tensor]]],
+) -> None:
+    """``target <- self_weight * target + sum_j w_j * other_j``, in place, per tensor."""
+    names = list(target)
+    dst = [target[k] for k in names]
+    if self_weight != 1.0:
+        torch._foreach_mul_(dst, self_weight)
+    for weight, other in others:
+        torch._foreach_add_(dst, [other[k] for k in names], alpha=weight)
+
+
+@torch.no_grad()
+def squared_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """sum over tensors of ||a - b||^2 (float64 accumulation)."""
+    total = 0.0
+    for k, t in a.items():
+        total += float(torch.sum((t.double() - b[k].double()) ** 2))
+    return total
+
+
+@torch.no_grad()
+def snapshot(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached copies, for values that must not change while they travel."""
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(torch.sum(t.double() ** 2)) for t in tensors.values()))

@@ -1,0 +1,106 @@
+"""The mixing-rule interface and the context a rule sees.
+
+A rule owns its control loop (``run``) and answers incoming messages (``on_message``). It
+sees the world only through :class:`Context`: its id, the clock, its live neighbours, the
+trainer and model, and ``request``/``send`` to peers. It never imports grpc or protobuf
+transport code, which is what lets the same rule run between machines and in a simulation.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import torch
+
+from rumor.protocol.bundle import Bundle, Message
+
+T = TypeVar("T")
+
+
+class Context(Protocol):
+    """Everything a rule may touch. Implemented by :class:`rumor.node.runtime.NodeContext`."""
+
+    node_id: str
+    rng: random.Random
+    clock: Any  # rumor.node.clock.Clock
+    trainer: Any  # rumor.node.trainer.Trainer
+    model: torch.nn.Module
+    lock: Any  # asyncio.Lock that owns the model's tensors
+    max_rounds: int | None
+    params: Mapping[str, Any]
+
+    def neighbors(self) -> list[str]:
+        """Neighbours currently believed alive, sorted."""
+        ...
+
+    def all_neighbors(self) -> list[str]:
+        """Every neighbour from the topology, alive or not, sorted."""
+        ...
+
+    @property
+    def degree(self) -> int:
+        """Degree in the topology (static; what Metropolis-Hastings weights use)."""
+        ...
+
+    def peer_round(self, peer: str) -> int | None:
+        """The last round ``peer`` reported, if known."""
+        ...
+
+    async def pull(self, peer: str, timeout: float | None = None) -> dict[str, torch.Tensor] | None:
+        """A copy of ``peer``'s current model, or None if it could not be had."""
+        ...
+
+    def should_stop(self, round: int) -> bool:
+        """True once ``round`` is past the budget or the node is shutting down."""
+        ...
+
+    async def compute(self, fn: Callable[..., T], *args: Any, cost_s: float | None = None) -> T:
+        """Run CPU work off the event loop (a worker thread; inline in simulation)."""
+        ...
+
+    def message(
+        self, kind: str, *, round: int = 0, bundle: Bundle | None = None, **fields: Any
+    ) -> Message: ...
+
+    async def request(
+        self, peer: str, msg: Message, timeout: float | None = None
+    ) -> Message | None:
+        """Send and await the answer; raises PeerUnavailable or Rejected."""
+        ...
+
+    async def send(self, peer: str, msg: Message, timeout: float | None = None) -> bool:
+        """Send, ignore the answer; False (logged) when the peer could not take it."""
+        ...
+
+    def end_round(self, round: int, **fields: Any) -> None:
+        """Record a finished round (metrics line, status, optional evaluation)."""
+        ...
+
+    async def maybe_evaluate(self, round: int) -> dict[str, Any] | None: ...
+
+    def log(self, msg: str, *args: Any, level: int = ...) -> None: ...
+
+
+class MixingRule(ABC):
+    """One decentralized learning algorithm.
+
+    Subclasses set ``name``, take their paper's parameters in ``__init__`` (with the paper's
+    defaults) and implement ``run`` and ``on_message``.
+    """
+
+    name: ClassVar[str] = ""
+
+    @abstractmethod
+    async def run(self, ctx: Context) -> None:
+        """The rule's control loop; returns when ``ctx.should_stop`` says so."""
+
+    async def on_message(self, ctx: Context, msg: Message) -> Message | None:
+        """Answer a message addressed to this rule. ``None`` acknowledges it."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Parameters, for logs and status."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}

@@ -1,0 +1,163 @@
+"""Membership: who my neighbours are, and which of them are alive.
+
+Neighbours come from the topology. A heartbeat loop pings every neighbour (dead ones too,
+so that a restarted node is taken back as soon as it answers); ``misses`` heartbeats in a row
+without an answer, or one failed exchange, mark a neighbour dead, and rules skip dead
+neighbours instead of waiting on them. A neighbour that says it leaves is dropped at once.
+This module must not know about training or rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rumor.node.clock import Clock
+from rumor.protocol.constants import HEARTBEAT_MISSES, HEARTBEAT_PERIOD_S
+from rumor.protocol.errors import PeerUnavailable, Rejected
+from rumor.protocol.transport import Transport
+from rumor.protocol.v1 import node_pb2
+
+log = logging.getLogger("rumor.membership")
+
+
+@dataclass
+class PeerInfo:
+    node_id: str
+    address: str
+    alive: bool = True
+    last_seen: float | None = None
+    failures: int = 0
+    degree: int | None = None
+    round: int | None = None
+
+
+class Membership:
+    """The node's view of its neighbourhood."""
+
+    def __init__(
+        self,
+        node_id: str,
+        neighbours: dict[str, str],
+        clock: Clock,
+        period_s: float = HEARTBEAT_PERIOD_S,
+        misses: int = HEARTBEAT_MISSES,
+    ) -> None:
+        self.node_id = node_id
+        self.clock = clock
+        self.period_s = period_s
+        self.misses = misses
+        self.peers = {nid: PeerInfo(nid, addr) for nid, addr in sorted(neighbours.items())}
+
+    def alive(self) -> list[str]:
+        return [nid for nid, p in self.peers.items() if p.alive]
+
+    def all(self) -> list[str]:
+        return list(self.peers)
+
+    def address_of(self, node_id: str) -> str:
+        return self.peers[node_id].address
+
+    def on_success(self, node_id: str, degree: int | None = None, round: int | None = None) -> None:
+        peer = self.peers.get(node_id)
+        if peer is None:
+            return
+        if not peer.alive:
+            log.info("%s: neighbour %s is back", self.node_id, node_id)
+        peer.alive = True
+        peer.failures = 0
+        peer.last_seen = self.clock.now()
+        if degree is not None:
+            peer.degree = degree
+        if round is not None:
+            peer.round = round
+
+    def on_failure(self, node_id: str, weight: int = 1) -> None:
+        """Count a missed heartbeat (weight 1) or a failed exchange (weight ``misses``)."""
+        peer = self.peers.get(node_id)
+        if peer is None:
+            return
+        peer.failures += weight
+        if peer.alive and peer.failures >= self.misses:
+            peer.alive = False
+            log.warning(
+                "%s: neighbour %s marked dead after %d failures",
+                self.node_id,
+                node_id,
+                peer.failures,
+            )
+
+    def on_leave(self, node_id: str) -> None:
+        peer = self.peers.get(node_id)
+        if peer is not None and peer.alive:
+            peer.alive = False
+            peer.failures = self.misses
+            log.info("%s: neighbour %s left", self.node_id, node_id)
+
+    async def probe(
+        self, transport: Transport, make_ping: Callable[[], node_pb2.Ping], timeout: float
+    ) -> None:
+        """Ping every neighbour once, concurrently, and update the view."""
+
+        async def one(peer: PeerInfo) -> None:
+            try:
+                pong = await transport.ping(peer.address, make_ping(), timeout)
+            except (PeerUnavailable, Rejected):
+                self.on_failure(peer.node_id)
+                return
+            if pong.leaving:
+                self.on_leave(peer.node_id)
+            else:
+                self.on_success(peer.node_id, degree=pong.degree, round=pong.round)
+
+        await asyncio.gather(*(one(p) for p in self.peers.values()))
+
+    async def run(
+        self,
+        transport: Transport,
+        make_ping: Callable[[], node_pb2.Ping],
+        stopping: asyncio.Event,
+    ) -> None:
+        """Heartbeat until ``stopping`` is set."""
+        timeout = max(0.05, min(self.period_s, 2.0))
+        while not stopping.is_set():
+            await self.probe(transport, make_ping, timeout)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.period_s)
+
+    async def wait_for_neighbours(
+        self,
+        transport: Transport,
+        make_ping: Callable[[], node_pb2.Ping],
+        limit_s: float,
+    ) -> list[str]:
+        """Until every neighbour answers once or ``limit_s`` passes; returns the missing."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limit_s
+        missing = list(self.peers)
+        while missing and loop.time() < end:
+            results = await asyncio.gather(
+                *(self._answers(transport, make_ping, nid) for nid in missing)
+            )
+            missing = [nid for nid, ok in zip(missing, results, strict=True) if not ok]
+            if missing:
+                await asyncio.sleep(min(0.2, max(0.0, end - loop.time())))
+        for nid in missing:
+            self.on_failure(nid, self.misses)
+        return missing
+
+    async def _answers(
+        self, transport: Transport, make_ping: Callable[[], node_pb2.Ping], node_id: str
+    ) -> bool:
+        try:
+            pong = await transport.ping(self.address_of(node_id), make_ping(), 1.0)
+        except (PeerUnavailable, Rejected):
+            return False
+        if pong.leaving:
+            self.on_leave(node_id)
+        else:
+            self.on_success(node_id, degree=pong.degree, round=pong.round)
+        return True

@@ -1,0 +1,391 @@
+"""The node: a trainer, a mixing rule, a transport, membership and a clock, wired together.
+
+:class:`Node` serves the transport (answering exchanges, heartbeats and status), runs the
+heartbeat loop and the rule's own loop, records metrics, and shuts down cleanly: on a stop
+request the rule finishes its current step, neighbours are told it leaves, the server drains.
+:class:`NodeContext` is the narrow view a rule gets (see :class:`rumor.algorithms.base.Context`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import random
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import torch
+
+from rumor.algorithms.base import MixingRule
+from rumor.node.clock import Clock
+from rumor.node.membership import Membership
+from rumor.node.metrics import MetricsLog
+from rumor.node.observe import PULL_KIND
+from rumor.protocol.bundle import Bundle, Message
+from rumor.protocol.codec import bundle_digest
+from rumor.protocol.constants import (
+    EXCHANGE_TIMEOUT_S,
+    HEARTBEAT_MISSES,
+    HEARTBEAT_PERIOD_S,
+    PROTOCOL_VERSION,
+)
+from rumor.protocol.errors import Code, PeerUnavailable, Rejected
+from rumor.protocol.transport import Transport
+from rumor.protocol.v1 import node_pb2
+
+T = TypeVar("T")
+log = logging.getLogger("rumor.node")
+
+#: Node-level reply to a pull (the request kind, PULL_KIND, lives in rumor.node.observe).
+MODEL_KIND = "rumor.model"
+
+
+class NodeContext:
+    """What a mixing rule sees of its node. See :class:`rumor.algorithms.base.Context`."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self.node_id = node.node_id
+        self.rng = random.Random(f"{node.seed}/{node.node_id}")
+        self.clock = node.clock
+        self.trainer = node.trainer
+        self.model: torch.nn.Module = node.trainer.model
+        self.lock = asyncio.Lock()
+        self.max_rounds = node.max_rounds
+        self.params: Mapping[str, Any] = node.rule.describe()
+        self.round = 0
+        self.last_loss: float | None = None
+        self.last_eval: dict[str, Any] = {}
+        self.exchanges = 0
+
+    # --- neighbourhood -------------------------------------------------------------------
+    def neighbors(self) -> list[str]:
+        return self._node.membership.alive()
+
+    def all_neighbors(self) -> list[str]:
+        return self._node.membership.all()
+
+    @property
+    def degree(self) -> int:
+        return len(self._node.membership.peers)
+
+    def peer_round(self, peer: str) -> int | None:
+        """The last round ``peer`` reported (heartbeats), if any."""
+        info = self._node.membership.peers.get(peer)
+        return None if info is None else info.round
+
+    async def pull(self, peer: str, timeout: float | None = None) -> dict[str, torch.Tensor] | None:
+        """A copy of ``peer``'s current model (read-only on its side), or None."""
+        try:
+            reply = await self.request(peer, self.message(PULL_KIND), timeout)
+        except (PeerUnavailable, Rejected) as exc:
+            self.log("pull from %s failed: %s", peer, exc)
+            return None
+        return None if reply is None or reply.bundle is None else reply.bundle.tensors
+
+    # --- control -------------------------------------------------------------------------
+    @property
+    def stopping(self) -> asyncio.Event:
+        return self._node.stopping
+
+    def should_stop(self, round: int) -> bool:
+        if self._node.stopping.is_set():
+            return True
+        return self.max_rounds is not None and round >= self.max_rounds
+
+    async def compute(self, fn: Callable[..., T], *args: Any, cost_s: float | None = None) -> T:
+        """CPU work: a worker thread on a real node; inline plus a modelled cost in simulation."""
+        node = self._node
+        if node.executor is None:
+            result = fn(*args)
+            cost = node.step_cost_s if cost_s is None else cost_s
+            if cost > 0:
+                await self.clock.sleep(cost)
+            return result
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(node.executor, fn, *args)
+
+    # --- messages ------------------------------------------------------------------------
+    def message(
+        self, kind: str, *, round: int = 0, bundle: Bundle | None = None, **fields: Any
+    ) -> Message:
+        return Message(
+            kind=kind,
+            sender=self.node_id,
+            round=round,
+            time=self.clock.now(),
+            bundle=bundle,
+            algorithm=self._node.rule.name,
+            **fields,
+        )
+
+    @staticmethod
+    def new_exchange_id() -> str:
+        return uuid.uuid4().hex
+
+    async def request(
+        self, peer: str, msg: Message, timeout: float | None = None
+    ) -> Message | None:
+        node = self._node
+        try:
+            reply = await node.transport.request(
+                node.membership.address_of(peer), msg, timeout or node.request_timeout_s
+            )
+        except PeerUnavailable:
+            node.membership.on_failure(peer, node.membership.misses)
+            raise
+        node.membership.on_success(peer)
+        self.exchanges += 1
+        return reply
+
+    async def send(self, peer: str, msg: Message, timeout: float | None = None) -> bool:
+        try:
+            await self.request(peer, msg, timeout)
+        except PeerUnavailable as exc:
+            log.info("%s: %s to %s failed: %s", self.node_id, msg.kind, peer, exc)
+            return False
+        except Rejected as exc:
+            log.warning("%s: %s refused %s: %s", self.node_id, peer, msg.kind, exc)
+            return False
+        return True
+
+    # --- bookkeeping ---------------------------------------------------------------------
+    async def maybe_evaluate(self, round: int) -> dict[str, Any] | None:
+        node = self._node
+        last = self.max_rounds is not None and round + 1 >= self.max_rounds
+        if not node.eval_every or not ((round + 1) % node.eval_every == 0 or last):
+            return None
+        async with self.lock:
+            result = await self.compute(node.trainer.evaluate, cost_s=0.0)
+        self.last_eval = dict(result)
+        return self.last_eval
+
+    def end_round(self, round: int, **fields: Any) -> None:
+        node = self._node
+        self.round = round + 1
+        if "loss" in fields:
+            self.last_loss = fields["loss"]
+        ev = fields.pop("eval", None) or {}
+        stats = node.transport.stats
+        node.metrics.write(
+            "round",
+            round=round,
+            loss=fields.pop("loss", None),
+            accuracy=ev.get("accuracy"),
+            test_loss=ev.get("loss"),
+            bytes_in=stats.bytes_in,
+            bytes_out=stats.bytes_out,
+            exchanges=self.exchanges,
+            rejected=stats.rejected_in,
+            digest=node.model_digest(),
+            alive=len(self.neighbors()),
+            **fields,
+        )
+
+    def log(self, msg: str, *args: Any, level: int = logging.INFO) -> None:
+        log.log(level, f"{self.node_id}: {msg}", *args)
+
+
+class Node:
+    """One rumor node. Works unchanged over gRPC or the in-process transport."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        rule: MixingRule,
+        trainer: Any,
+        transport: Transport,
+        neighbours: dict[str, str],
+        clock: Clock | None = None,
+        max_rounds: int | None = None,
+        metrics_path: str | None = None,
+        eval_every: int = 1,
+        seed: int = 0,
+        simulated: bool = False,
+        step_cost_s: float = 0.0,
+        heartbeat_period_s: float = HEARTBEAT_PERIOD_S,
+        heartbeat_misses: int = HEARTBEAT_MISSES,
+        request_timeout_s: float = EXCHANGE_TIMEOUT_S,
+        startup_wait_s: float = 30.0,
+        linger_s: float = 0.0,
+    ) -> None:
+        self.node_id = node_id
+        self.rule = rule
+        self.trainer = trainer
+        self.transport = transport
+        self.clock = clock or Clock()
+        self.max_rounds = max_rounds
+        self.eval_every = eval_every
+        self.seed = seed
+        self.step_cost_s = step_cost_s
+        self.request_timeout_s = request_timeout_s
+        self.startup_wait_s = startup_wait_s
+        self.linger_s = linger_s
+        self.stopping = asyncio.Event()
+        self.finished = False
+        self.membership = Membership(
+            node_id, neighbours, self.clock, heartbeat_period_s, heartbeat_misses
+        )
+        self.metrics = MetricsLog(
+            node_id, self.clock, metrics_path, keep_in_memory=simulated or metrics_path is None
+        )
+        self.executor = (
+            None
+            if simulated
+            else concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"train-{node_id}")
+        )
+        self.ctx = NodeContext(self)
+
+    # ------------------------------------------------------------------ lifecycle
+    def request_stop(self) -> None:
+        """Ask the node to finish its current step and shut down (SIGTERM/SIGINT)."""
+        if not self.stopping.is_set():
+            log.info("%s: stop requested", self.node_id)
+        self.stopping.set()
+
+    async def run(self) -> dict[str, Any]:
+        """Serve, train and gossip until the round budget is spent or a stop is requested."""
+        address = await self.transport.start(self)
+        self.metrics.write(
+            "start", address=address, algorithm=self.rule.name, params=_jsonable(self.ctx.params)
+        )
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            missing = await self.membership.wait_for_neighbours(
+                self.transport, self._ping, self.startup_wait_s
+            )
+            if missing:
+                log.warning("%s: starting without %s", self.node_id, ", ".join(missing))
+            heartbeat = asyncio.create_task(
+                self.membership.run(self.transport, self._ping, self.stopping)
+            )
+            await self.rule.run(self.ctx)
+            self.finished = True
+            await self._announce_leave()
+            self.metrics.write("finished", round=self.ctx.round, **_eval_fields(self.ctx))
+            if self.linger_s > 0 and not self.stopping.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), self.linger_s)
+        finally:
+            self.stopping.set()
+            if heartbeat is not None:
+                await asyncio.gather(heartbeat, return_exceptions=True)
+            if not self.finished:
+                await self._announce_leave()
+            stats = self.transport.stats
+            self.metrics.write(
+                "stop",
+                round=self.ctx.round,
+                bytes_in=stats.bytes_in,
+                bytes_out=stats.bytes_out,
+                exchanges=self.ctx.exchanges,
+                rejected=stats.rejected_in,
+                digest=self.model_digest(),
+            )
+            await self.transport.stop(grace=0.5)
+            self.metrics.close()
+            if self.executor is not None:
+                self.executor.shutdown(wait=True)
+        return {"node": self.node_id, "round": self.ctx.round, **_eval_fields(self.ctx)}
+
+    async def _announce_leave(self) -> None:
+        ping = self._ping()
+        ping.leaving = True  # also when called just before `finished` is set
+
+        async def one(address: str) -> None:
+            with contextlib.suppress(PeerUnavailable, Rejected):
+                await self.transport.ping(address, ping, 0.5)
+
+        await asyncio.gather(*(one(p.address) for p in self.membership.peers.values() if p.alive))
+
+    # ------------------------------------------------------------------ service side
+    def _ping(self) -> node_pb2.Ping:
+        return node_pb2.Ping(
+            sender=self.node_id,
+            address=self.transport.address,
+            protocol_version=PROTOCOL_VERSION,
+            round=self.ctx.round,
+            degree=self.ctx.degree,
+            leaving=self.finished or self.stopping.is_set(),
+        )
+
+    async def handle_ping(self, ping: node_pb2.Ping) -> node_pb2.Pong:
+        if ping.leaving:
+            self.membership.on_leave(ping.sender)
+        else:
+            self.membership.on_success(ping.sender, degree=ping.degree, round=ping.round)
+        return node_pb2.Pong(
+            node_id=self.node_id,
+            protocol_version=PROTOCOL_VERSION,
+            round=self.ctx.round,
+            degree=self.ctx.degree,
+            alive=self.membership.alive(),
+            leaving=self.finished or self.stopping.is_set(),
+        )
+
+    async def handle_message(self, msg: Message) -> Message | None:
+        if msg.kind == PULL_KIND:
+            async with self.ctx.lock:
+                state = {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
+            meta = {"round": self.ctx.round, "finished": self.finished}
+            return self.ctx.message(MODEL_KIND, round=self.ctx.round, bundle=Bundle(state, meta))
+        if msg.algorithm and msg.algorithm != self.rule.name:
+            raise Rejected(
+                Code.FAILED_PRECONDITION,
+                f"algorithm {msg.algorithm!r} does not match this node's {self.rule.name!r}",
+            )
+        self.membership.on_success(msg.sender)
+        try:
+            return await self.rule.on_message(self.ctx, msg)
+        except Rejected:
+            raise
+        except Exception as exc:
+            log.exception("%s: rule failed on %s from %s", self.node_id, msg.kind, msg.sender)
+            raise Rejected(Code.INTERNAL, f"internal error on {msg.kind}: {exc}") from exc
+
+    def status(self) -> node_pb2.StatusReply:
+        stats = self.transport.stats
+        reply = node_pb2.StatusReply(
+            node_id=self.node_id,
+            algorithm=self.rule.name,
+            round=self.ctx.round,
+            uptime_s=self.clock.now(),
+            loss=_nan(self.ctx.last_loss),
+            accuracy=_nan(self.ctx.last_eval.get("accuracy")),
+            bytes_in=stats.bytes_in,
+            bytes_out=stats.bytes_out,
+            exchanges=self.ctx.exchanges,
+            model_digest=self.model_digest(),
+            rejected=stats.rejected_in,
+            address=self.transport.address,
+            finished=self.finished,
+        )
+        now = self.clock.now()
+        for peer in self.membership.peers.values():
+            reply.peers.add(
+                node_id=peer.node_id,
+                address=peer.address,
+                alive=peer.alive,
+                last_seen_s=-1.0 if peer.last_seen is None else now - peer.last_seen,
+                failures=peer.failures,
+            )
+        return reply
+
+    def model_digest(self) -> str:
+        return bundle_digest(self.trainer.model.state_dict())
+
+
+def _nan(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _eval_fields(ctx: NodeContext) -> dict[str, Any]:
+    return {"accuracy": ctx.last_eval.get("accuracy"), "test_loss": ctx.last_eval.get("loss")}
+
+
+def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, (int, float, str, bool)) else repr(v) for k, v in params.items()}

@@ -1,0 +1,49 @@
+"""Every wire-level constant in one place: versions, sizes, timeouts, environment names."""
+
+from __future__ import annotations
+
+#: Version of the Envelope/Frame protocol; a receiver refuses envelopes of another version.
+PROTOCOL_VERSION = 1
+#: Version of the bundle codec (header layout, alignment, digest).
+CODEC_VERSION = 1
+#: The only payload encoding so far: raw little-endian bytes.
+ENCODING_RAW_LE = "raw-le"
+#: Tensor offsets inside a payload are aligned to this many bytes so views of any dtype work.
+ALIGNMENT = 64
+#: Payload chunk size. 1 MiB was the most consistent size in the transport measurements
+#: (specs/transport-limits.md, section 2a) and is re-measured by bench/bench_chunk.py.
+CHUNK_SIZE = 1 << 20
+#: Largest bundle payload a node accepts by default (bytes). Overridable per node.
+MAX_BUNDLE_BYTES = 2 << 30
+#: Largest envelope (header) frame accepted, bytes: headers of models with many tensors fit.
+MAX_ENVELOPE_BYTES = 16 << 20
+#: Most tensors one bundle may name.
+MAX_TENSORS = 100_000
+#: Most dimensions of one tensor.
+MAX_NDIM = 32
+#: gRPC message-size limit: one frame is at most one chunk or one envelope plus framing.
+GRPC_MAX_MESSAGE_BYTES = MAX_ENVELOPE_BYTES + 1024
+
+#: Keepalive: ping an idle connection every 20 s, give it 10 s to answer. On a LAN this spots
+#: a dead peer within half a minute without flooding; raise both for the Internet.
+KEEPALIVE_TIME_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+#: Default per-call deadline for heartbeats and small requests (s).
+SMALL_CALL_TIMEOUT_S = 2.0
+#: Default deadline for an exchange carrying a model (s); large models need more.
+EXCHANGE_TIMEOUT_S = 30.0
+
+#: Retry policy for reaching a peer: attempts and backoff (full jitter) bounds (s).
+RETRY_ATTEMPTS = 3
+RETRY_BASE_S = 0.05
+RETRY_MAX_S = 2.0
+
+#: Membership: heartbeat period (s) and missed beats before a neighbour counts as dead.
+HEARTBEAT_PERIOD_S = 1.0
+HEARTBEAT_MISSES = 3
+
+#: Metadata keys used by the service.
+GRPC_SERVICE = "rumor.v1.Node"
+ENV_LOG_LEVEL = "RUMOR_LOG_LEVEL"
+ENV_TORCH_THREADS = "RUMOR_TORCH_THREADS"

@@ -1,0 +1,230 @@
+"""gRPC transport: grpc.aio between processes and machines.
+
+Exchange is a bidirectional stream of :mod:`~rumor.protocol.framing` frames with identity
+(de)serializers: the envelope is protobuf, tensor chunks are raw bytes that are copied once
+on each side. Heartbeat and Status are plain unary protobuf calls; the standard gRPC health
+service is served beside them. Channels are reused per peer; calls have deadlines; a peer
+that cannot be reached is retried with backoff and jitter inside the caller's deadline.
+Bad input is answered with a gRPC status that names the problem, and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from rumor.protocol import channels, framing
+from rumor.protocol.bundle import Message
+from rumor.protocol.constants import CHUNK_SIZE, GRPC_SERVICE, MAX_BUNDLE_BYTES
+from rumor.protocol.errors import Code, PeerUnavailable, Rejected
+from rumor.protocol.retry import Retry
+from rumor.protocol.transport import NodeService, Transport
+from rumor.protocol.v1 import node_pb2
+
+log = logging.getLogger("rumor.transport")
+
+ACK_KIND = "rumor.ack"
+_EXCHANGE = f"/{GRPC_SERVICE}/Exchange"
+_HEARTBEAT = f"/{GRPC_SERVICE}/Heartbeat"
+_STATUS = f"/{GRPC_SERVICE}/Status"
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def _error_from_rpc(peer: str, err: grpc.aio.AioRpcError) -> Exception:
+    """Map a failed call onto the transport-neutral errors."""
+    code = err.code()
+    detail = err.details() or code.name
+    if code in _UNREACHABLE or code == grpc.StatusCode.CANCELLED:
+        return PeerUnavailable(peer, detail, Code(code.name))
+    try:
+        return Rejected(Code(code.name), detail)
+    except ValueError:
+        return Rejected(Code.INTERNAL, f"{code.name}: {detail}")
+
+
+class GrpcTransport(Transport):
+    """A node's gRPC endpoint: one server, and one reused channel per peer."""
+
+    def __init__(
+        self,
+        listen: str = "127.0.0.1:0",
+        advertise: str | None = None,
+        max_bundle_bytes: int = MAX_BUNDLE_BYTES,
+        check_finite: bool = True,
+        chunk_size: int = CHUNK_SIZE,
+        retry: Retry | None = None,
+        server_credentials: grpc.ServerCredentials | None = None,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        node_id: str = "",
+    ) -> None:
+        super().__init__()
+        self._listen = listen
+        self._advertise = advertise
+        self._max_bytes = max_bundle_bytes
+        self._check_finite = check_finite
+        self._chunk_size = chunk_size
+        self._retry = retry or Retry()
+        self._server_credentials = server_credentials
+        self._channel_credentials = channel_credentials
+        self._node_id = node_id
+        self._server: grpc.aio.Server | None = None
+        self._service: NodeService | None = None
+        self._health: health_aio.HealthServicer | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._bound = ""
+
+    @property
+    def address(self) -> str:
+        return self._advertise or self._bound
+
+    # ----------------------------------------------------------------- server side
+    async def start(self, service: NodeService) -> str:
+        self._service = service
+        server = channels.make_server()
+        handlers = {
+            "Exchange": grpc.stream_stream_rpc_method_handler(self._serve_exchange),
+            "Heartbeat": grpc.unary_unary_rpc_method_handler(
+                self._serve_heartbeat,
+                request_deserializer=node_pb2.Ping.FromString,
+                response_serializer=node_pb2.Pong.SerializeToString,
+            ),
+            "Status": grpc.unary_unary_rpc_method_handler(
+                self._serve_status,
+                request_deserializer=node_pb2.StatusRequest.FromString,
+                response_serializer=node_pb2.StatusReply.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(GRPC_SERVICE, handlers),)
+        )
+        self._health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        port = channels.bind(server, self._listen, self._server_credentials)
+        host = self._listen.rsplit(":", 1)[0]
+        self._bound = f"{host}:{port}"
+        await server.start()
+        for name in ("", GRPC_SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        return self.address
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    async def _serve_exchange(
+        self, frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        assert self._service is not None
+        assembler = framing.MessageAssembler(
+            max_bytes=self._max_bytes, check_finite=self._check_finite
+        )
+        msg: Message | None = None
+        try:
+            async for frame in frames:
+                assembler.feed(frame)
+            msg = assembler.finish()
+            self.stats.messages_in += 1
+            self.stats.bytes_in += msg.nbytes
+            reply = await self._service.handle_message(msg)
+        except Rejected as exc:
+            self.stats.rejected_in += 1
+            log.warning(
+                "%s rejected a message from %s (%s): %s",
+                self._node_id or self.address,
+                (msg.sender if msg else None) or context.peer(),
+                exc.code.value,
+                exc.detail,
+            )
+            await context.abort(grpc.StatusCode[exc.code.value], exc.detail)
+            return
+        if reply is None:
+            reply = Message(kind=ACK_KIND, sender=self._node_id)
+        self.stats.messages_out += 1
+        self.stats.bytes_out += reply.nbytes
+        for frame in framing.message_to_frames(reply, chunk_size=self._chunk_size):
+            yield frame
+
+    async def _serve_heartbeat(
+        self, ping: node_pb2.Ping, context: grpc.aio.ServicerContext
+    ) -> node_pb2.Pong:
+        assert self._service is not None
+        return await self._service.handle_ping(ping)
+
+    async def _serve_status(
+        self, request: node_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.StatusReply:
+        assert self._service is not None
+        return self._service.status()
+
+    # ----------------------------------------------------------------- client side
+    def channel(self, peer: str) -> grpc.aio.Channel:
+        channel = self._channels.get(peer)
+        if channel is None:
+            channel = channels.make_channel(peer, self._channel_credentials)
+            self._channels[peer] = channel
+        return channel
+
+    async def request(self, peer: str, msg: Message, timeout: float) -> Message | None:
+        call = self.channel(peer).stream_stream(_EXCHANGE)
+
+        async def attempt(remaining: float | None) -> Message:
+            assembler = framing.MessageAssembler(
+                max_bytes=self._max_bytes, check_finite=self._check_finite
+            )
+            frames = framing.message_to_frames(msg, chunk_size=self._chunk_size)
+            try:
+                async for frame in call(frames, timeout=remaining):
+                    assembler.feed(frame)
+            except grpc.aio.AioRpcError as err:
+                raise _error_from_rpc(peer, err) from None
+            return assembler.finish()
+
+        try:
+            reply = await self._retry.run(attempt, _retryable, timeout)
+        except PeerUnavailable:
+            self.stats.failures += 1
+            raise
+        self.stats.messages_out += 1
+        self.stats.bytes_out += msg.nbytes
+        if reply.kind == ACK_KIND and reply.bundle is None:
+            return None
+        self.stats.messages_in += 1
+        self.stats.bytes_in += reply.nbytes
+        return reply
+
+    async def ping(self, peer: str, ping: node_pb2.Ping, timeout: float) -> node_pb2.Pong:
+        call = self.channel(peer).unary_unary(
+            _HEARTBEAT,
+            request_serializer=node_pb2.Ping.SerializeToString,
+            response_deserializer=node_pb2.Pong.FromString,
+        )
+        try:
+            return await call(ping, timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            raise _error_from_rpc(peer, err) from None
+
+    async def status(self, peer: str, timeout: float) -> node_pb2.StatusReply:
+        call = self.channel(peer).unary_unary(
+            _STATUS,
+            request_serializer=node_pb2.StatusRequest.SerializeToString,
+            response_deserializer=node_pb2.StatusReply.FromString,
+        )
+        try:
+            return await call(node_pb2.StatusRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            raise _error_from_rpc(peer, err) from None
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, PeerUnavailable) and exc.code == Code.UNAVAILABLE

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for the rumor.v1 wire protocol."""

@@ -1,0 +1,5 @@
+"""``python -m rumor`` runs the command line."""
+
+from rumor.cli import main
+
+main()

@@ -1,0 +1,213 @@
+"""``rumor cluster up``: N real node processes on this machine from one topology spec.
+
+Shows a live table while the cluster runs, survives nodes that crash (they are shown as
+down; the rest go on), and tears every process down on completion or Ctrl-C. The run folder
+keeps each node's config, log and metrics, the observer's ``cluster.jsonl`` and a
+convergence plot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from rumor.cli import options
+from rumor.cli.options import FormatOpt, OutputFormat
+
+cluster_app = typer.Typer(help="Local clusters of real node processes.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("up")
+def up(
+    nodes: int = typer.Option(8, "--nodes", "-n"),
+    topology: str = typer.Option("ring"),
+    algorithm: str = typer.Option("dpsgd"),
+    param: list[str] = typer.Option(None, "--param", "-p", help="Rule parameter key=value."),
+    rounds: int = typer.Option(30),
+    dataset: str = typer.Option("digits"),
+    partition: str = typer.Option("dirichlet:0.5"),
+    model: str = typer.Option("mlp"),
+    lr: float = typer.Option(0.05),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    seed: int = typer.Option(0),
+    init: str = typer.Option("independent"),
+    eval_every: int = typer.Option(1, "--eval-every"),
+    host: str = typer.Option("127.0.0.1", help="Address every node listens on."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Default: runs/<timestamp>."),
+    refresh: float = typer.Option(0.5, help="Seconds between table refreshes."),
+    observe_every: float = typer.Option(2.0, "--observe-every", help="Consensus pulls (s)."),
+    timeout: float = typer.Option(900.0, help="Stop the cluster after this many seconds."),
+    plot: bool = typer.Option(True, help="Write convergence.png at the end."),
+    fmt: OutputFormat = FormatOpt,
+) -> None:
+    """Start a local cluster, watch it converge, tear it down."""
+    from rumor.cluster import build_graph, cluster_configs, free_ports
+    from rumor.config import NodeConfig
+    from rumor.local_cluster import LocalCluster
+
+    base = options.apply(
+        NodeConfig(linger=timeout),
+        options.training_overrides(
+            algorithm=algorithm,
+            param=param,
+            rounds=rounds,
+            dataset=dataset,
+            partition=partition,
+            model=model,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            init=init,
+            eval_every=eval_every,
+        ),
+    )
+    graph = build_graph(topology, nodes, seed)
+    ports = free_ports(nodes, host)
+    configs = cluster_configs(graph, base, address_of=lambda i: f"{host}:{ports[i]}")
+    run_dir = run_dir or Path("runs") / time.strftime("%Y-%m-%dT%H-%M-%S")
+    cluster = LocalCluster(configs, run_dir)
+    try:
+        report = asyncio.run(
+            drive(cluster, refresh, observe_every, timeout, live=fmt == OutputFormat.table)
+        )
+    finally:
+        codes = cluster.stop()
+    report["exit_codes"] = codes
+    report["run_dir"] = str(run_dir)
+    if plot:
+        report["plot"] = str(_plot(run_dir))
+    (run_dir / "summary.json").write_text(json.dumps(report, indent=2))
+    if fmt == OutputFormat.json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(
+            f"mean accuracy {_f(report['mean_accuracy'])}, consensus distance "
+            f"{_f(report['consensus_distance'])} -> run folder {run_dir}"
+        )
+
+
+def _plot(run_dir: Path) -> Path:
+    from rumor.plotting import plot_runs
+    from rumor.runlog import load_run
+
+    return plot_runs([load_run(run_dir)], run_dir / "convergence.png", x="time")
+
+
+async def drive(
+    cluster: Any, refresh: float, observe_every: float, timeout: float, live: bool
+) -> dict[str, Any]:
+    """Run the cluster to completion while showing progress; returns the final report."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from rumor.local_cluster import Observer
+
+    cluster.start()
+    observer = Observer(cluster.addresses(), cluster.run_dir / "cluster.jsonl")
+    console = Console(stderr=True)
+    started = time.monotonic()
+    last_models = 0.0
+    obs = None
+    first_cd = None
+    try:
+        live_ctx = Live(console=console, refresh_per_second=4, transient=False) if live else None
+        if live_ctx is not None:
+            live_ctx.start()
+        try:
+            while time.monotonic() - started < timeout:
+                now = time.monotonic()
+                pull = now - last_models >= observe_every
+                obs = await observer.observe(with_models=pull)
+                if pull:
+                    last_models = now
+                    if first_cd is None and obs.consensus_distance is not None:
+                        first_cd = obs.consensus_distance
+                codes = cluster.returncodes()
+                view = _render(obs, codes, cluster.restarts)
+                if live_ctx is not None:
+                    live_ctx.update(view)
+                elif pull:
+                    console.print(_line(obs, codes))
+                reachable = [r for r in obs.statuses if "error" not in r]
+                if not cluster.running():
+                    break
+                if reachable and all(r.get("finished") for r in reachable):
+                    obs = await observer.observe(with_models=True)
+                    if live_ctx is not None:
+                        live_ctx.update(_render(obs, cluster.returncodes(), cluster.restarts))
+                    break
+                await asyncio.sleep(refresh)
+        finally:
+            if live_ctx is not None:
+                live_ctx.stop()
+    finally:
+        await observer.close()
+    rows = [r for r in (obs.statuses if obs else []) if "error" not in r]
+    return {
+        "nodes": len(cluster.configs),
+        "mean_accuracy": obs.mean_accuracy if obs else None,
+        "consensus_distance": obs.consensus_distance if obs else None,
+        "first_consensus_distance": first_cd,
+        "rounds": {r["node_id"]: r["round"] for r in rows},
+        "elapsed_s": time.monotonic() - started,
+    }
+
+
+def _render(obs: Any, codes: dict[str, int | None], restarts: dict[str, int]) -> Any:
+    from rich.table import Table
+
+    table = Table(
+        title=f"rumor cluster — {obs.elapsed:5.1f} s",
+        caption=(
+            f"mean accuracy {_f(obs.mean_accuracy)}   "
+            f"consensus distance {_f(obs.consensus_distance)}"
+        ),
+    )
+    for col in ("node", "state", "round", "loss", "accuracy", "in MB", "out MB", "peers up"):
+        table.add_column(col, justify="left" if col in {"node", "state"} else "right")
+    by_addr = {r["address"]: r for r in obs.statuses}
+    for (nid, code), row in zip(codes.items(), by_addr.values(), strict=False):
+        if "error" in row:
+            state = "[red]down" if code is not None else "[yellow]unreachable"
+            if code is not None:
+                state += f" (exit {code})"
+            table.add_row(nid, state, "-", "-", "-", "-", "-", "-")
+            continue
+        peers = row.get("peers", [])
+        state = "done" if row.get("finished") else "[green]running"
+        if restarts.get(nid):
+            state += f" (restarted {restarts[nid]}x)"
+        table.add_row(
+            row.get("node_id", nid),
+            state,
+            str(row["round"]),
+            _f(row.get("loss")),
+            _f(row.get("accuracy")),
+            f"{row['bytes_in'] / 1e6:.1f}",
+            f"{row['bytes_out'] / 1e6:.1f}",
+            f"{sum(1 for p in peers if p.get('alive'))}/{len(peers)}",
+        )
+    return table
+
+
+def _line(obs: Any, codes: dict[str, int | None]) -> str:
+    rows = [r for r in obs.statuses if "error" not in r]
+    rounds = [r["round"] for r in rows]
+    return (
+        f"[{obs.elapsed:6.1f} s] nodes up {len(rows)}/{len(codes)}  "
+        f"rounds {min(rounds, default=0)}-{max(rounds, default=0)}  "
+        f"mean accuracy {_f(obs.mean_accuracy)}  consensus {_f(obs.consensus_distance)}"
+    )
+
+
+def _f(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}"

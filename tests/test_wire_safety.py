@@ -1,0 +1,182 @@
+"""A node answers malformed input with a gRPC status naming the problem, logs it, stays up,
+and keeps its model untouched."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import grpc
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from rumor.algorithms.gossip import DPSGD, MODEL_KIND
+from rumor.node.runtime import Node
+from rumor.node.trainer import Trainer
+from rumor.protocol import framing
+from rumor.protocol.bundle import Bundle, Message
+from rumor.protocol.grpc_transport import GrpcTransport
+from rumor.protocol.v1 import node_pb2
+from tests.conftest import run
+
+LIMIT = 1 << 20
+
+
+def victim() -> Node:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    data = TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    loader = DataLoader(data, batch_size=16)
+    trainer = Trainer(model, loader, loader, lr=0.1)
+    transport = GrpcTransport(max_bundle_bytes=LIMIT, node_id="victim")
+    return Node(
+        node_id="victim",
+        rule=DPSGD(),
+        trainer=trainer,
+        transport=transport,
+        neighbours={"peer": "127.0.0.1:1"},
+    )
+
+
+def good_message(node: Node, **changes: object) -> Message:
+    state = {k: v.clone() for k, v in node.trainer.model.state_dict().items()}
+    fields = dict(kind=MODEL_KIND, sender="peer", round=0, algorithm="dpsgd")
+    fields.update(changes)
+    return Message(bundle=Bundle(state, {"degree": 2}), **fields)  # type: ignore[arg-type]
+
+
+def frames_of(msg: Message) -> list[bytes]:
+    return list(framing.message_to_frames(msg, chunk_size=256))
+
+
+def with_envelope(frames: list[bytes], edit) -> list[bytes]:
+    kind, env = framing.parse_frame(frames[0])
+    assert kind == "envelope"
+    edit(env)
+    return [framing.envelope_frame(env), *frames[1:]]
+
+
+async def send_raw(address: str, frames: list[bytes]) -> tuple[grpc.StatusCode, str]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.stream_stream("/rumor.v1.Node/Exchange")
+        try:
+            async for _ in call(iter(frames), timeout=5.0):
+                pass
+        except grpc.aio.AioRpcError as err:
+            return err.code(), err.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def _unknown_dtype(env: node_pb2.Envelope) -> None:
+    env.bundle.tensors[0].dtype = 42
+
+
+def _shape_disagrees(env: node_pb2.Envelope) -> None:
+    del env.bundle.tensors[0].shape[:]
+    env.bundle.tensors[0].shape.extend([3, 3])
+
+
+def _old_version(env: node_pb2.Envelope) -> None:
+    env.protocol_version = 99
+
+
+def _flip_byte(frames: list[bytes]) -> list[bytes]:
+    chunk = bytearray(frames[1])
+    chunk[-1] ^= 0xFF
+    return [frames[0], bytes(chunk), *frames[2:]]
+
+
+def _nan_message(node: Node) -> list[bytes]:
+    msg = good_message(node)
+    first = next(iter(msg.bundle.tensors.values()))  # type: ignore[union-attr]
+    first.view(-1)[3] = math.nan
+    return frames_of(msg)
+
+
+def _inf_message(node: Node) -> list[bytes]:
+    msg = good_message(node)
+    next(iter(msg.bundle.tensors.values())).view(-1)[0] = math.inf  # type: ignore[union-attr]
+    return frames_of(msg)
+
+
+def _oversize(node: Node) -> list[bytes]:
+    big = Bundle({"big": torch.zeros(LIMIT // 4 + 1)}, {"degree": 2})
+    return frames_of(Message(kind=MODEL_KIND, sender="peer", algorithm="dpsgd", bundle=big))
+
+
+def _wrong_shape_model(node: Node) -> list[bytes]:
+    msg = good_message(node)
+    name = next(iter(msg.bundle.tensors))  # type: ignore[union-attr]
+    msg.bundle.tensors[name] = torch.zeros(2, 2)  # type: ignore[union-attr]
+    return frames_of(msg)
+
+
+CASES = {
+    "unknown dtype": (
+        lambda n: with_envelope(frames_of(good_message(n)), _unknown_dtype),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown dtype",
+    ),
+    "shape and byte count disagree": (
+        lambda n: with_envelope(frames_of(good_message(n)), _shape_disagrees),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "needs",
+    ),
+    "digest mismatch": (
+        lambda n: _flip_byte(frames_of(good_message(n))),
+        grpc.StatusCode.DATA_LOSS,
+        "digest mismatch",
+    ),
+    "oversize": (_oversize, grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds the limit"),
+    "truncated stream": (
+        lambda n: frames_of(good_message(n))[:-1],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "truncated",
+    ),
+    "extra bytes": (
+        lambda n: [*frames_of(good_message(n)), framing.chunk_frame(b"xx")],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "oversize",
+    ),
+    "NaN": (_nan_message, grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+    "Inf": (_inf_message, grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+    "protocol version": (
+        lambda n: with_envelope(frames_of(good_message(n)), _old_version),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "protocol version 99",
+    ),
+    "garbage frame": (lambda n: [b"\xff\x01\x02"], grpc.StatusCode.INVALID_ARGUMENT, "tag"),
+    "model of another shape": (_wrong_shape_model, grpc.StatusCode.FAILED_PRECONDITION, "shape"),
+    "another algorithm": (
+        lambda n: frames_of(good_message(n, algorithm="dadao")),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "does not match",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_input_is_refused_and_the_node_survives(case: str, caplog) -> None:
+    make_frames, code, words = CASES[case]
+
+    async def go() -> None:
+        node = victim()
+        address = await node.transport.start(node)
+        try:
+            before = node.model_digest()
+            with caplog.at_level(logging.WARNING, logger="rumor.transport"):
+                got_code, detail = await send_raw(address, make_frames(node))
+            assert got_code == code, (got_code, detail)
+            assert words.lower() in detail.lower()
+            assert node.model_digest() == before
+            assert node.transport.stats.rejected_in == 1
+            assert any("victim rejected" in r.getMessage() for r in caplog.records)
+            # still serving: a well-formed model is accepted afterwards
+            ok_code, _ = await send_raw(address, frames_of(good_message(node)))
+            assert ok_code == grpc.StatusCode.OK
+            assert node.model_digest() == before  # buffered for its round, not mixed yet
+        finally:
+            await node.transport.stop()
+
+    run(go())

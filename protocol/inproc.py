@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from google.protobuf import any_pb2
-from google.protobuf.message import Message as ProtoMessage
-
 from rumor.protocol import framing
 from rumor.protocol.bundle import Bundle, Message
 from rumor.protocol.constants import CHUNK_SIZE, MAX_BUNDLE_BYTES
@@ -61,19 +58,6 @@ class InProcNetwork:
 
     def delay(self, nbytes: int) -> float:
         return self.latency_s + nbytes / self.bandwidth_bps
-
-
-def _as_any(payload: object) -> any_pb2.Any | None:
-    if payload is None:
-        return None
-    out = any_pb2.Any()
-    if isinstance(payload, any_pb2.Any):
-        out.CopyFrom(payload)
-    elif isinstance(payload, ProtoMessage):
-        out.Pack(payload)
-    else:
-        raise TypeError(f"payload must be a protobuf message, not {type(payload).__name__}")
-    return out
 
 
 class InProcTransport(Transport):
@@ -132,7 +116,7 @@ class InProcTransport(Transport):
             time=msg.time,
             exchange_id=msg.exchange_id,
             bundle=bundle,
-            payload=_as_any(msg.payload),
+            payload=framing.as_any(msg.payload),
             algorithm=msg.algorithm,
         )
 

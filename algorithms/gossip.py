@@ -36,16 +36,9 @@ from rumor.algorithms.base import Context, MixingRule
 from rumor.algorithms.inbox import RoundInbox
 from rumor.protocol.bundle import Bundle, Message
 from rumor.protocol.errors import Code, Rejected
+from rumor.topology import metropolis_weights
 
 MODEL_KIND = "gossip.model"
-
-
-def metropolis_weights(
-    degree: int, neighbour_degrees: dict[str, int]
-) -> tuple[float, dict[str, float]]:
-    """Self weight and ``{peer: w_ij}`` of the Metropolis-Hastings rule, from local knowledge."""
-    weights = {p: 1.0 / (1.0 + max(degree, d)) for p, d in neighbour_degrees.items()}
-    return 1.0 - sum(weights.values()), weights
 
 
 class DPSGD(MixingRule):

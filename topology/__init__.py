@@ -1,0 +1,95 @@
+"""Communication topologies for gossip learning: graphs, mixing matrices, spectral constants.
+
+Everything works on plain :mod:`networkx` graphs whose nodes are ``0..n-1`` (node ``i`` is
+the process ``node-i``):
+
+* :mod:`~rumor.topology.builders`: graph families (ring, torus, exponential, random ...);
+* :mod:`~rumor.topology.spec`: :func:`build` from strings such as ``"torus:4x4"``;
+* :mod:`~rumor.topology.io`: :func:`save` and :func:`load` (edge list, GraphML, JSON);
+* :mod:`~rumor.topology.mixing`: doubly stochastic gossip matrices, and the per-node
+  :func:`metropolis_weights` a running node uses;
+* :mod:`~rumor.topology.spectral`: spectral gap, ``chi_1``, ``chi_2``, effective resistance
+  and DADAO's communication rates;
+* :mod:`~rumor.topology.analysis`: :func:`analyze`, all of the above in one dict.
+
+Examples
+--------
+>>> from rumor.topology import build, metropolis_hastings, spectral_gap
+>>> round(spectral_gap(metropolis_hastings(build("complete:5"))), 10)
+1.0
+"""
+
+from rumor.topology.analysis import analyze
+from rumor.topology.builders import (
+    barabasi_albert,
+    complete,
+    erdos_renyi,
+    exponential,
+    grid_2d,
+    hypercube,
+    path,
+    random_geometric,
+    random_regular,
+    ring,
+    star,
+    torus_2d,
+    watts_strogatz,
+)
+from rumor.topology.canonical import canonical, edge_key
+from rumor.topology.io import load, save
+from rumor.topology.mixing import (
+    MIXING_KINDS,
+    max_degree,
+    metropolis_hastings,
+    metropolis_weights,
+    mixing_matrix,
+    uniform,
+)
+from rumor.topology.spec import FAMILIES, build
+from rumor.topology.spectral import (
+    algebraic_connectivity,
+    chi_1,
+    chi_2,
+    dadao_constants,
+    dadao_rates,
+    effective_resistance,
+    sampling_laplacian,
+    spectral_gap,
+)
+
+__all__ = [
+    "FAMILIES",
+    "MIXING_KINDS",
+    "algebraic_connectivity",
+    "analyze",
+    "barabasi_albert",
+    "build",
+    "canonical",
+    "chi_1",
+    "chi_2",
+    "complete",
+    "dadao_constants",
+    "dadao_rates",
+    "edge_key",
+    "effective_resistance",
+    "erdos_renyi",
+    "exponential",
+    "grid_2d",
+    "hypercube",
+    "load",
+    "max_degree",
+    "metropolis_hastings",
+    "metropolis_weights",
+    "mixing_matrix",
+    "path",
+    "random_geometric",
+    "random_regular",
+    "ring",
+    "sampling_laplacian",
+    "save",
+    "spectral_gap",
+    "star",
+    "torus_2d",
+    "uniform",
+    "watts_strogatz",
+]

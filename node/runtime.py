@@ -156,7 +156,8 @@ class NodeContext:
     async def maybe_evaluate(self, round: int) -> dict[str, Any] | None:
         node = self._node
         last = self.max_rounds is not None and round + 1 >= self.max_rounds
-        if not node.eval_every or not ((round + 1) % node.eval_every == 0 or last):
+        periodic = node.eval_every > 0 and (round + 1) % node.eval_every == 0
+        if not (last or periodic):  # eval_every <= 0: only after the last round
             return None
         async with self.lock:
             result = await self.compute(node.trainer.evaluate, cost_s=0.0)

@@ -17,6 +17,10 @@ CHUNK_SIZE = 1 << 20
 MAX_BUNDLE_BYTES = 2 << 30
 #: Largest envelope (header) frame accepted, bytes: headers of models with many tensors fit.
 MAX_ENVELOPE_BYTES = 16 << 20
+#: After refusing a message, read at most this much of the rest of it, for this long, so the
+#: sender sees the refusal's status (see grpc_transport._drain).
+DRAIN_LIMIT_BYTES = 256 << 20
+DRAIN_LIMIT_S = 5.0
 #: Most tensors one bundle may name.
 MAX_TENSORS = 100_000
 #: Most dimensions of one tensor.

@@ -10,8 +10,10 @@ Bad input is answered with a gRPC status that names the problem, and logged.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,7 +21,13 @@ from grpc_health.v1.health import aio as health_aio
 
 from rumor.protocol import channels, framing
 from rumor.protocol.bundle import Message
-from rumor.protocol.constants import CHUNK_SIZE, GRPC_SERVICE, MAX_BUNDLE_BYTES
+from rumor.protocol.constants import (
+    CHUNK_SIZE,
+    DRAIN_LIMIT_BYTES,
+    DRAIN_LIMIT_S,
+    GRPC_SERVICE,
+    MAX_BUNDLE_BYTES,
+)
 from rumor.protocol.errors import Code, PeerUnavailable, Rejected
 from rumor.protocol.retry import Retry
 from rumor.protocol.transport import NodeService, Transport
@@ -146,6 +154,7 @@ class GrpcTransport(Transport):
                 exc.code.value,
                 exc.detail,
             )
+            await _drain(frames)
             await context.abort(grpc.StatusCode[exc.code.value], exc.detail)
             return
         if reply is None:
@@ -182,9 +191,12 @@ class GrpcTransport(Transport):
             assembler = framing.MessageAssembler(
                 max_bytes=self._max_bytes, check_finite=self._check_finite
             )
-            frames = framing.message_to_frames(msg, chunk_size=self._chunk_size)
+            stream = call(timeout=remaining)
             try:
-                async for frame in call(frames, timeout=remaining):
+                await _write_all(
+                    stream, framing.message_to_frames(msg, chunk_size=self._chunk_size)
+                )
+                async for frame in stream:
                     assembler.feed(frame)
             except grpc.aio.AioRpcError as err:
                 raise _error_from_rpc(peer, err) from None
@@ -224,6 +236,41 @@ class GrpcTransport(Transport):
             return await call(node_pb2.StatusRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as err:
             raise _error_from_rpc(peer, err) from None
+
+
+async def _drain(frames: AsyncIterator[bytes]) -> None:
+    """Read and drop what the client still sends before refusing its call (bounded).
+
+    grpc.aio clients report ``INTERNAL`` instead of the server's status when the server ends
+    a call while they are still writing (grpc/grpc#36066). Draining up to
+    ``DRAIN_LIMIT_BYTES`` within ``DRAIN_LIMIT_S`` lets an honest sender see the real reason;
+    past either bound the call is refused at once.
+    """
+
+    async def consume() -> None:
+        received = 0
+        async for frame in frames:
+            received += len(frame)
+            if received > DRAIN_LIMIT_BYTES:
+                return
+
+    with contextlib.suppress(asyncio.TimeoutError, grpc.aio.AioRpcError):
+        await asyncio.wait_for(consume(), DRAIN_LIMIT_S)
+
+
+async def _write_all(stream: grpc.aio.StreamStreamCall, frames: Iterator[bytes]) -> None:
+    """Write every frame, then half-close; stop quietly when the peer already answered.
+
+    A receiver may refuse a message after its first frame (an oversize header, say) and end
+    the call while frames are still on their way. Writing then fails; the peer's status is
+    what the caller must see, and reading the stream raises it.
+    """
+    try:
+        for frame in frames:
+            await stream.write(frame)
+        await stream.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        return
 
 
 def _retryable(exc: BaseException) -> bool:

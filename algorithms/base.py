@@ -40,6 +40,10 @@ class Context(Protocol):
         """Every neighbour from the topology, alive or not, sorted."""
         ...
 
+    def present_neighbors(self) -> list[str]:
+        """Neighbours that have not left: alive, or unreachable for now."""
+        ...
+
     @property
     def degree(self) -> int:
         """Degree in the topology (static; what Metropolis-Hastings weights use)."""

@@ -80,7 +80,10 @@ class DPSGD(MixingRule):
             )
             sends = [asyncio.ensure_future(ctx.send(p, outgoing)) for p in peers]
             known = set(ctx.all_neighbors())
-            arrived = await self._inbox.gather(round, peers, self.round_timeout)
+            # With every neighbour unreachable, wait for them rather than race on alone;
+            # with every neighbour gone for good (finished), there is nobody to wait for.
+            wait_for = peers or ctx.present_neighbors()
+            arrived = await self._inbox.gather(round, wait_for, self.round_timeout)
             received = {p: m for p, m in arrived.items() if p in known}
             await asyncio.gather(*sends)
             distance = await self._mix(ctx, state, received, round)

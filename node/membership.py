@@ -33,6 +33,8 @@ class PeerInfo:
     failures: int = 0
     degree: int | None = None
     round: int | None = None
+    #: It said it left (finished or shut down): not expected back until it answers again.
+    left: bool = False
 
 
 class Membership:
@@ -58,6 +60,10 @@ class Membership:
     def all(self) -> list[str]:
         return list(self.peers)
 
+    def present(self) -> list[str]:
+        """Neighbours that have not left: alive, or unreachable for now."""
+        return [nid for nid, p in self.peers.items() if not p.left]
+
     def address_of(self, node_id: str) -> str:
         return self.peers[node_id].address
 
@@ -68,6 +74,7 @@ class Membership:
         if not peer.alive:
             log.info("%s: neighbour %s is back", self.node_id, node_id)
         peer.alive = True
+        peer.left = False
         peer.failures = 0
         peer.last_seen = self.clock.now()
         if degree is not None:
@@ -92,8 +99,9 @@ class Membership:
 
     def on_leave(self, node_id: str) -> None:
         peer = self.peers.get(node_id)
-        if peer is not None and peer.alive:
+        if peer is not None and not peer.left:
             peer.alive = False
+            peer.left = True
             peer.failures = self.misses
             log.info("%s: neighbour %s left", self.node_id, node_id)
 

@@ -68,6 +68,9 @@ class NodeContext:
     def all_neighbors(self) -> list[str]:
         return self._node.membership.all()
 
+    def present_neighbors(self) -> list[str]:
+        return self._node.membership.present()
+
     @property
     def degree(self) -> int:
         return len(self._node.membership.peers)

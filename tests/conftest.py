@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -14,7 +13,6 @@ import torch
 T = TypeVar("T")
 
 torch.set_num_threads(1)
-os.environ.setdefault("RUMOR_LOG_LEVEL", "WARNING")
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:

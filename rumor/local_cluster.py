@@ -78,6 +78,8 @@ class LocalCluster:
             start_new_session=True,
             env=env,
         )
+        pids = {nid: p.pid for nid, p in self.procs.items()}
+        (self.run_dir / "pids.json").write_text(json.dumps(pids, indent=2))
 
     def signal_node(self, node_id: str, sig: int) -> None:
         proc = self.procs[node_id]

@@ -37,6 +37,7 @@ def up(
     partition: str = typer.Option("dirichlet:0.5"),
     model: str = typer.Option("mlp"),
     lr: float = typer.Option(0.05),
+    momentum: float = typer.Option(0.9, help="SGD momentum (local optimizer state)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     seed: int = typer.Option(0),
     init: str = typer.Option("independent"),
@@ -44,7 +45,7 @@ def up(
     host: str = typer.Option("127.0.0.1", help="Address every node listens on."),
     run_dir: Path = typer.Option(None, "--run-dir", help="Default: runs/<timestamp>."),
     refresh: float = typer.Option(0.5, help="Seconds between table refreshes."),
-    observe_every: float = typer.Option(2.0, "--observe-every", help="Consensus pulls (s)."),
+    observe_every: float = typer.Option(0.5, "--observe-every", help="Consensus pulls (s)."),
     timeout: float = typer.Option(900.0, help="Stop the cluster after this many seconds."),
     plot: bool = typer.Option(True, help="Write convergence.png at the end."),
     fmt: OutputFormat = FormatOpt,
@@ -64,6 +65,7 @@ def up(
             partition=partition,
             model=model,
             lr=lr,
+            momentum=momentum,
             batch_size=batch_size,
             seed=seed,
             init=init,
@@ -75,12 +77,14 @@ def up(
     configs = cluster_configs(graph, base, address_of=lambda i: f"{host}:{ports[i]}")
     run_dir = run_dir or Path("runs") / time.strftime("%Y-%m-%dT%H-%M-%S")
     cluster = LocalCluster(configs, run_dir)
+    initial_cd = _initial_consensus(configs)
     try:
         report = asyncio.run(
             drive(cluster, refresh, observe_every, timeout, live=fmt == OutputFormat.table)
         )
     finally:
         codes = cluster.stop()
+    report["initial_consensus_distance"] = initial_cd
     report["exit_codes"] = codes
     report["run_dir"] = str(run_dir)
     if plot:
@@ -93,6 +97,18 @@ def up(
             f"mean accuracy {_f(report['mean_accuracy'])}, consensus distance "
             f"{_f(report['consensus_distance'])} -> run folder {run_dir}"
         )
+
+
+def _initial_consensus(configs: list[Any]) -> float:
+    """Consensus distance of the nodes' initial models, rebuilt here from their configs."""
+    from rumor.api import make_trainer
+    from rumor.node.data import get_dataset, partition
+    from rumor.node.observe import consensus_distance
+
+    first = configs[0]
+    dataset = get_dataset(first.dataset, seed=first.seed)
+    parts = partition(first.partition, dataset.y_train, first.n_nodes, seed=first.seed)
+    return consensus_distance([make_trainer(c, dataset, parts).model.state_dict() for c in configs])
 
 
 def _plot(run_dir: Path) -> Path:

@@ -10,6 +10,7 @@ random choice: two runs with the same configs give identical metrics.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from rumor.config import NodeConfig
 from rumor.node.clock import run_virtual
 from rumor.node.observe import consensus_distance
+from rumor.node.runtime import Node
 from rumor.protocol.inproc import InProcNetwork, InProcTransport
 
 
@@ -37,6 +39,9 @@ class SimulationResult:
         return sum(accs) / len(accs) if accs else float("nan")
 
 
+Scenario = Callable[[InProcNetwork, dict[str, Node]], Awaitable[None]]
+
+
 def simulate(
     configs: list[NodeConfig],
     *,
@@ -44,10 +49,16 @@ def simulate(
     bandwidth_bps: float = 1e9,
     step_cost_s: float = 0.01,
     wire: bool = False,
+    scenario: Scenario | None = None,
 ) -> SimulationResult:
-    """Run ``configs`` as one simulated cluster; peers' addresses are their node ids."""
+    """Run ``configs`` as one simulated cluster; peers' addresses are their node ids.
+
+    ``scenario(network, nodes)`` runs beside the nodes on the same virtual clock: it may
+    take nodes down (``network.set_down``), cut links, or stop nodes, to script failures.
+    """
     return run_virtual(
-        _simulate(configs, latency_s, bandwidth_bps, step_cost_s, wire), idle_real_timeout_s=5.0
+        _simulate(configs, latency_s, bandwidth_bps, step_cost_s, wire, scenario),
+        idle_real_timeout_s=5.0,
     )
 
 
@@ -57,6 +68,7 @@ async def _simulate(
     bandwidth_bps: float,
     step_cost_s: float,
     wire: bool,
+    scenario: Scenario | None,
 ) -> SimulationResult:
     from rumor.api import make_node, make_trainer
     from rumor.node.data import get_dataset, partition
@@ -74,7 +86,15 @@ async def _simulate(
         )
     loop = asyncio.get_running_loop()
     t0 = loop.time()
+    script = (
+        asyncio.ensure_future(scenario(network, {n.node_id: n for n in nodes}))
+        if scenario is not None
+        else None
+    )
     summaries = await asyncio.gather(*(n.run() for n in nodes))
+    if script is not None:
+        script.cancel()
+        await asyncio.gather(script, return_exceptions=True)
     states = [n.trainer.model.state_dict() for n in nodes]
     with torch.no_grad():
         cd = consensus_distance(states)

@@ -27,7 +27,8 @@ def main() -> int:
         sys.executable, "-m", "rumor", "cluster", "up",
         "--nodes", "8", "--topology", "ring",
         "--dataset", "digits", "--partition", "dirichlet:0.5",
-        "--model", "mlp", "--algorithm", "dpsgd", "--param", "local_steps=2",
+        "--model", "mlp", "--init", "independent",
+        "--algorithm", "dpsgd", "--param", "local_steps=2",
         "--rounds", "200", "--lr", "0.05", "--momentum", "0.9", "--eval-every", "10",
         "--run-dir", str(run_dir),
     ]  # fmt: skip

@@ -52,8 +52,9 @@ class NodeConfig:
     weight_decay: float = 0.0
     loss: str | None = None
     seed: int = 0
-    #: "shared": every node starts from the same weights; "independent": seeded per node.
-    init: str = "independent"
+    #: "shared": every node starts from the same weights x_0 (as D-PSGD assumes);
+    #: "independent": each node draws its own (shows consensus forming from scratch).
+    init: str = "shared"
     eval_every: int = 1
     metrics: str | None = None
     heartbeat_period: float = 1.0

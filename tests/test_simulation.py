@@ -23,6 +23,7 @@ def _configs(n: int, algorithm: str, rounds: int, **params: object) -> list[Node
         model="logreg",
         lr=0.2,
         seed=1,
+        init="independent",
         eval_every=0,
     )
     return cluster_configs(build_graph("ring", n, 1), base, address_of=node_name)

@@ -40,7 +40,7 @@ def up(
     momentum: float = typer.Option(0.9, help="SGD momentum (local optimizer state)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     seed: int = typer.Option(0),
-    init: str = typer.Option("independent"),
+    init: str = typer.Option("shared", help="shared or independent initial weights."),
     eval_every: int = typer.Option(1, "--eval-every"),
     host: str = typer.Option("127.0.0.1", help="Address every node listens on."),
     run_dir: Path = typer.Option(None, "--run-dir", help="Default: runs/<timestamp>."),

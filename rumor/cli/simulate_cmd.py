@@ -29,7 +29,7 @@ def simulate(
     momentum: float = typer.Option(0.0, help="SGD momentum (local optimizer state)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     seed: int = typer.Option(0),
-    init: str = typer.Option("independent"),
+    init: str = typer.Option("shared", help="shared or independent initial weights."),
     eval_every: int = typer.Option(0, "--eval-every", help="0: evaluate after the last round."),
     step_cost: float = typer.Option(0.01, "--step-cost", help="Modelled seconds per compute."),
     latency: float = typer.Option(0.0005, help="Modelled one-way latency (s)."),

@@ -40,8 +40,8 @@ def test_cluster_up_survives_a_crashed_node_and_cleans_up(tmp_path: Path) -> Non
     run_dir = tmp_path / "run"
     cmd = [
         *RUMOR, "cluster", "up", "--nodes", "4", "--topology", "ring", "--rounds", "250",
-        "--partition", "iid", "--init", "independent", "--eval-every", "25", "--run-dir", str(run_dir),
-        "--param", "round_timeout=2", "--format", "json",
+        "--partition", "iid", "--init", "independent", "--eval-every", "25",
+        "--run-dir", str(run_dir), "--param", "round_timeout=2", "--format", "json",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -60,6 +60,34 @@ def weighted_average_(
 
 
 @torch.no_grad()
+def gossip_step_(
+    state: Mapping[str, torch.Tensor],
+    others: Iterable[tuple[float, Mapping[str, torch.Tensor]]],
+    scratch: Mapping[str, torch.Tensor],
+) -> float:
+    """``x <- (1 - sum_j w_j) x + sum_j w_j x_j`` in place; returns ||x - a|| before the step.
+
+    ``a = sum_j w_j x_j / sum_j w_j`` is the neighbourhood average. Written as
+    ``x += (sum_j w_j) (a - x)``, the step and the distance share one pass over a reusable
+    ``scratch`` buffer (same names and shapes as ``state``), so a round allocates nothing.
+    """
+    others = list(others)
+    total = sum(w for w, _ in others)
+    if total <= 0:
+        return float("nan")
+    names = list(state)
+    dst = [state[k] for k in names]
+    buf = [scratch[k] for k in names]
+    torch._foreach_zero_(buf)
+    for weight, other in others:
+        torch._foreach_add_(buf, [other[k] for k in names], alpha=weight / total)
+    torch._foreach_sub_(buf, dst)  # a - x
+    distance = math.sqrt(sum(float(n) ** 2 for n in torch._foreach_norm(buf)))
+    torch._foreach_add_(dst, buf, alpha=total)
+    return distance
+
+
+@torch.no_grad()
 def squared_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """sum over tensors of ||a - b||^2 (float64 accumulation)."""
     total = 0.0

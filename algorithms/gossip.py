@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from typing import Any
 
 import torch
 
 from rumor.algorithms.averaging import (
     check_compatible,
+    gossip_step_,
     mixable,
-    squared_distance,
     weighted_average_,
 )
 from rumor.algorithms.base import Context, MixingRule
@@ -63,6 +62,7 @@ class DPSGD(MixingRule):
         self.round_timeout = float(round_timeout)
         self.catch_up_lag = int(catch_up_lag)
         self._inbox = RoundInbox()
+        self._scratch: dict[str, torch.Tensor] | None = None
 
     async def run(self, ctx: Context) -> None:
         state = mixable(ctx.model.state_dict())
@@ -121,7 +121,8 @@ class DPSGD(MixingRule):
         self, ctx: Context, state: dict[str, torch.Tensor], received: dict[str, Message], round: int
     ) -> float | None:
         degrees = {p: int(m.bundle.meta.get("degree", ctx.degree)) for p, m in received.items()}  # type: ignore[union-attr]
-        self_w, weights = metropolis_weights(ctx.degree, degrees)
+        # the self weight, 1 - sum(weights), is applied by gossip_step_
+        _, weights = metropolis_weights(ctx.degree, degrees)
         missing = [p for p in ctx.all_neighbors() if p not in received]
         if missing:
             ctx.log(
@@ -133,13 +134,10 @@ class DPSGD(MixingRule):
         if not received:
             return None
         others = [(weights[p], m.bundle.tensors) for p, m in received.items()]  # type: ignore[union-attr]
+        if self._scratch is None:
+            self._scratch = {k: torch.empty_like(v) for k, v in state.items()}
         async with ctx.lock:
-            total = sum(w for w, _ in others)
-            avg = {k: torch.zeros_like(v) for k, v in state.items()}
-            weighted_average_(avg, 0.0, [(w / total, t) for w, t in others])
-            distance = math.sqrt(squared_distance(state, avg))
-            weighted_average_(state, self_w, others)
-        return distance
+            return gossip_step_(state, others, self._scratch)
 
     async def on_message(self, ctx: Context, msg: Message) -> Message | None:
         if msg.kind != MODEL_KIND:

@@ -1,0 +1,57 @@
+"""Averaging helpers: the in-place gossip step matches its formula and allocates nothing new."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rumor.algorithms.averaging import gossip_step_, squared_distance, weighted_average_
+from rumor.topology import metropolis_weights
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(40, 30, generator=g), "b": torch.randn(30, generator=g)}
+
+
+def test_gossip_step_is_the_metropolis_hastings_average_and_reports_the_distance() -> None:
+    x, y, z = _state(0), _state(1), _state(2)
+    self_w, w = metropolis_weights(2, {"y": 3, "z": 2})
+    expected = {k: self_w * x[k] + w["y"] * y[k] + w["z"] * z[k] for k in x}
+    total = w["y"] + w["z"]
+    avg = {k: (w["y"] * y[k] + w["z"] * z[k]) / total for k in x}
+    expected_distance = math.sqrt(squared_distance(x, avg))
+    scratch = {k: torch.empty_like(v) for k, v in x.items()}
+    pointers = {k: v.data_ptr() for k, v in x.items()}
+    distance = gossip_step_(x, [(w["y"], y), (w["z"], z)], scratch)
+    for k in x:
+        torch.testing.assert_close(x[k], expected[k], rtol=1e-5, atol=1e-6)
+        assert x[k].data_ptr() == pointers[k]  # in place
+    assert math.isclose(distance, expected_distance, rel_tol=1e-5)
+
+
+def test_weighted_average_in_place() -> None:
+    x, y = _state(3), _state(4)
+    expected = {k: 0.25 * x[k] + 0.75 * y[k] for k in x}
+    weighted_average_(x, 0.25, [(0.75, y)])
+    for k in x:
+        torch.testing.assert_close(x[k], expected[k])
+
+
+def test_gossip_preserves_the_network_average_on_a_ring() -> None:
+    """A synchronous MH step on a regular graph keeps the mean and shrinks disagreement."""
+    n = 6
+    states = [_state(i) for i in range(n)]
+    mean_before = {k: sum(s[k] for s in states) / n for k in states[0]}
+    spread_before = sum(squared_distance(s, mean_before) for s in states)
+    snapshot = [{k: v.clone() for k, v in s.items()} for s in states]
+    for i, s in enumerate(states):
+        scratch = {k: torch.empty_like(v) for k, v in s.items()}
+        left, right = snapshot[(i - 1) % n], snapshot[(i + 1) % n]
+        _, w = metropolis_weights(2, {"l": 2, "r": 2})
+        gossip_step_(s, [(w["l"], left), (w["r"], right)], scratch)
+    mean_after = {k: sum(s[k] for s in states) / n for k in states[0]}
+    for k in mean_before:
+        torch.testing.assert_close(mean_after[k], mean_before[k], rtol=1e-5, atol=1e-5)
+    assert sum(squared_distance(s, mean_after) for s in states) < spread_before

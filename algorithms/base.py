@@ -97,6 +97,19 @@ class MixingRule(ABC):
 
     name: ClassVar[str] = ""
 
+    @classmethod
+    def prepare(cls, graph: Any, configs: list[Any]) -> list[Any]:
+        """Fill in parameters that need the whole cluster, before any node starts.
+
+        Launchers (``rumor cluster up``, ``rumor simulate``, deploy tools) call this with
+        the topology (a networkx graph whose node ``i`` is ``configs[i]``) and the node
+        configs (:class:`rumor.config.NodeConfig`), and start the configs it returns. A rule
+        whose constants depend on the graph (chi_1, edge rates) or the data (L, mu) sets
+        them here; a node started by hand gets them as ordinary ``params``. The default
+        changes nothing.
+        """
+        return configs
+
     @abstractmethod
     async def run(self, ctx: Context) -> None:
         """The rule's control loop; returns when ``ctx.should_stop`` says so."""

@@ -31,7 +31,13 @@ def cluster_configs(
     address_of: Callable[[int], str],
     listen_of: Callable[[int], str] | None = None,
 ) -> list[NodeConfig]:
-    """One config per graph node, peers wired along the graph's edges."""
+    """One config per graph node, peers wired along the graph's edges.
+
+    The rule's :meth:`~rumor.algorithms.base.MixingRule.prepare` then fills in whatever
+    parameters need the whole graph.
+    """
+    from rumor.algorithms import registry
+
     n = graph.number_of_nodes()
     configs = []
     for i in sorted(graph.nodes):
@@ -46,7 +52,7 @@ def cluster_configs(
                 advertise=address_of(i),
             )
         )
-    return configs
+    return registry.get(base.algorithm).prepare(graph, configs)
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:

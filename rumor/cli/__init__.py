@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "status_cmd",
     "topology_cmd",
     "plot_cmd",
+    "bench_cmd",
 )
 
 for _name in _COMMAND_MODULES:

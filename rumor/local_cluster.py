@@ -69,7 +69,15 @@ class LocalCluster:
             self._logs[node_id].close()
         log = (self.run_dir / f"{node_id}.log").open("ab")
         self._logs[node_id] = log
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        # One torch thread per node (nodes share the cores), and two malloc arenas: a node's
+        # worker thread and event loop need no more, and each arena holds memory.
+        env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            MALLOC_ARENA_MAX="2",
+        )
         self.procs[node_id] = subprocess.Popen(
             [self.python, "-m", "rumor", "node", "--config", str(self.config_path(node_id))],
             stdout=log,

@@ -65,6 +65,10 @@ class Context(Protocol):
         """Run CPU work off the event loop (a worker thread; inline in simulation)."""
         ...
 
+    def new_exchange_id(self) -> str:
+        """A fresh idempotency key for an exactly-once exchange."""
+        ...
+
     def message(
         self, kind: str, *, round: int = 0, bundle: Bundle | None = None, **fields: Any
     ) -> Message: ...

@@ -162,7 +162,8 @@ class InProcTransport(Transport):
         async def call() -> node_pb2.Pong:
             receiver = self._network.route(self._address, peer)
             await asyncio.sleep(self._network.latency_s)
-            assert receiver.service is not None
+            if receiver.service is None:  # it stopped while the ping was in flight
+                raise PeerUnavailable(peer, "stopped")
             pong = await receiver.service.handle_ping(ping)
             await asyncio.sleep(self._network.latency_s)
             self._network.route(peer, self._address, serving=False)

@@ -44,6 +44,9 @@ _N_HELP = "Node count, for specs that leave it out (checked against specs that g
 
 
 def register(app: typer.Typer) -> None:
+    from rumor.cli.topology_rates import register_rates
+
+    register_rates(topology_app)
     app.add_typer(topology_app, name="topology")
 
 

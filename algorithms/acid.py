@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from rumor.algorithms.base import Context, MixingRule
+from rumor.node.optim import SGD
 from rumor.protocol.bundle import Bundle, Message
 from rumor.protocol.errors import Code, PeerUnavailable, Rejected
 
@@ -275,7 +276,7 @@ class ACiD(MixingRule):
         group = opt.param_groups[0]
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         if (
-            isinstance(opt, torch.optim.SGD)
+            isinstance(opt, (torch.optim.SGD, SGD))
             and len(opt.param_groups) == 1
             and group.get("momentum", 0.0)
             and not group.get("nesterov", False)

@@ -19,6 +19,12 @@ ENTRY_POINT_GROUP = "rumor.algorithms"
 _BUILTIN: dict[str, str] = {
     "dpsgd": "rumor.algorithms.gossip:DPSGD",
     "async-gossip": "rumor.algorithms.async_gossip:AsyncGossip",
+    "dadao": "rumor.algorithms.dadao:DADAO",
+    "acid": "rumor.algorithms.acid:ACiD",
+    "diging": "rumor.algorithms.diging:DIGing",
+    "dfedsam": "rumor.algorithms.dfedsam:DFedSAM",
+    "dfedsam-mgs": "rumor.algorithms.dfedsam:DFedSAMMGS",
+    "variance-corrected": "rumor.algorithms.variance_corrected:VarianceCorrected",
 }
 
 

@@ -13,7 +13,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 #: claim name -> module that reproduces it
-CLAIMS: dict[str, str] = {}
+CLAIMS: dict[str, str] = {
+    "dadao": "rumor.claims.dadao",
+    "dfedsam": "rumor.claims.dfedsam",
+    "variance-corrected": "rumor.claims.variance_corrected",
+}
 
 
 @dataclass

@@ -105,8 +105,10 @@ def make_node(
 
 async def run_node(cfg: NodeConfig, trainer: Any = None) -> dict[str, Any]:
     """Run one real node over gRPC until its rounds are done or SIGTERM/SIGINT arrives."""
+    from rumor.node.allocator import keep_freed_memory
     from rumor.protocol.grpc_transport import GrpcTransport
 
+    keep_freed_memory()  # model-sized buffers come back every round: keep them mapped
     transport = GrpcTransport(cfg.listen, advertise=cfg.advertise, node_id=cfg.node_id)
     node = make_node(cfg, transport, trainer=trainer)
     loop = asyncio.get_running_loop()

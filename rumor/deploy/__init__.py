@@ -1,0 +1,1 @@
+"""Deployment generators: docker-compose, Kubernetes and per-host commands from a cluster spec."""

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -99,6 +100,8 @@ class ACiD(MixingRule):
     """
 
     name = "acid"
+    #: state_dict holds x~ and the time unit; the node saves the model and round.
+    checkpointable = True
 
     def __init__(
         self,
@@ -182,10 +185,35 @@ class ACiD(MixingRule):
 
     # ------------------------------------------------------------------ state and ODE
     def _start(self, ctx: Context) -> None:
-        if self._xt is None:
+        _ = self.eta  # fail early without chi_1, chi_2
+        self._t = ctx.clock.now()  # after a resume the ODE runs on from here: downtime is
+        if self._xt is None:  # no time unit of the node's own
             self._xt = ctx.trainer.parameters_vector().clone()
-            self._t = ctx.clock.now()
-            _ = self.eta  # fail early without chi_1, chi_2
+        elif self._xt.shape != ctx.trainer.parameters_vector().shape:
+            raise ValueError(
+                f"saved momentum has {self._xt.numel()} entries, the model "
+                f"{ctx.trainer.parameters_vector().numel()}"
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """x~ (the continuous momentum), the time unit and the averaging count."""
+        if self._xt is None:
+            raise RuntimeError("the rule has not started")
+        state: dict[str, Any] = {"version": 1, "xt": self._xt.clone()}
+        state["averagings"] = self.averagings
+        if self._unit is not None:
+            state["unit"] = float(self._unit)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output before :meth:`run` starts."""
+        if state.get("version") != 1:
+            raise ValueError(f"unknown acid state version {state.get('version')!r}")
+        self._xt = state["xt"].clone()
+        self.averagings = int(state.get("averagings", 0))
+        if "unit" in state and self.tau is None:
+            self._unit = float(state["unit"])
 
     def _x(self, ctx: Context) -> torch.Tensor:
         """x as the rule sees it: the parameters, or, while a step runs, the parameters from
@@ -228,7 +256,7 @@ class ACiD(MixingRule):
         done = asyncio.Event()
         gossip = asyncio.ensure_future(self._gossip_loop(ctx, done))
         try:
-            round = 0
+            round = ctx.round  # nonzero after a resume from a checkpoint
             while not ctx.should_stop(round):
                 losses = [await self._gradient_event(ctx) for _ in range(self.local_steps)]
                 await asyncio.sleep(0)  # let waiting exchanges in

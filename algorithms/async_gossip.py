@@ -58,6 +58,9 @@ class AsyncGossip(MixingRule):
     """
 
     name = "async-gossip"
+    #: Its whole state is the model (saved by the node). An exchange cut by a crash was
+    #: applied by at most one side: the pair's sum then moves by half a difference once.
+    checkpointable = True
 
     def __init__(
         self, rate: float = 2.0, local_steps: int = 1, exchange_timeout: float = 10.0
@@ -72,7 +75,7 @@ class AsyncGossip(MixingRule):
         done = asyncio.Event()
         gossip = asyncio.ensure_future(self._gossip_loop(ctx, done))
         try:
-            round = 0
+            round = ctx.round  # nonzero after a resume from a checkpoint
             while not ctx.should_stop(round):
                 async with ctx.lock:
                     loss = await ctx.compute(ctx.trainer.train_steps, self.local_steps)

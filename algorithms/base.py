@@ -8,9 +8,10 @@ transport code, which is what lets the same rule run between machines and in a s
 
 from __future__ import annotations
 
+import asyncio
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
@@ -31,6 +32,9 @@ class Context(Protocol):
     lock: Any  # asyncio.Lock that owns the model's tensors
     max_rounds: int | None
     params: Mapping[str, Any]
+    #: Rounds finished: 0 at a fresh start, the checkpoint's round after a resume. A rule's
+    #: round loop starts here.
+    round: int
 
     def neighbors(self) -> list[str]:
         """Neighbours currently believed alive, sorted."""
@@ -51,6 +55,28 @@ class Context(Protocol):
 
     def peer_round(self, peer: str) -> int | None:
         """The last round ``peer`` reported, if known."""
+        ...
+
+    # Rules that talk beyond the graph (MoDeST samples the whole population) learn where
+    # other nodes listen, address them like neighbours, and run their own timers.
+    @property
+    def address(self) -> str:
+        """Where this node listens, as peers should dial it."""
+        ...
+
+    def address_of(self, peer: str) -> str | None:
+        """Where ``peer`` listens, if known (a neighbour, or an address learned before)."""
+        ...
+
+    def learn_address(self, peer: str, address: str) -> None:
+        """Make ``peer`` reachable by ``request``/``send`` without making it a neighbour
+        (it is not heartbeated, and ``neighbors()`` does not list it)."""
+        ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "") -> asyncio.Task[Any]:
+        """Run ``coro`` beside the rule: timers (``await ctx.clock.sleep(t)`` inside),
+        background sends. Cancelled when ``run`` returns or the node stops; a failure is
+        logged."""
         ...
 
     async def pull(self, peer: str, timeout: float | None = None) -> dict[str, torch.Tensor] | None:
@@ -100,6 +126,10 @@ class MixingRule(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: True when :meth:`state_dict` plus the model and round (saved by the node) are all
+    #: the rule needs to resume, and its loops start at ``ctx.round``. A node with a
+    #: ``checkpoint_dir`` refuses to start a rule that is not.
+    checkpointable: ClassVar[bool] = False
 
     @classmethod
     def prepare(cls, graph: Any, configs: list[Any]) -> list[Any]:
@@ -121,6 +151,19 @@ class MixingRule(ABC):
     async def on_message(self, ctx: Context, msg: Message) -> Message | None:
         """Answer a message addressed to this rule. ``None`` acknowledges it."""
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rule's own state for a checkpoint (rumor.node.checkpoint), beyond the model.
+
+        Tensors, numbers, strings, lists and dicts. The default is empty: right for a rule
+        whose only state is the model and the round (which the node saves itself).
+        """
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; called before :meth:`run` on a resume."""
+        if state:
+            raise ValueError(f"{self.name} keeps no checkpoint state, got {sorted(state)}")
 
     def describe(self) -> dict[str, Any]:
         """Parameters, for logs and status."""

@@ -344,6 +344,8 @@ class DADAO(MixingRule):
     """
 
     name = "dadao"
+    #: state_dict holds the 6 x d state, the exchange ledger and the unacknowledged answers.
+    checkpointable = True
 
     def __init__(
         self,
@@ -655,7 +657,7 @@ class DADAO(MixingRule):
 
     async def _gradient_loop(self, ctx: Context, rng: random.Random) -> None:
         clock = ctx.clock
-        round = 0
+        round = getattr(ctx, "round", 0)  # nonzero after a resume from a checkpoint
         period = self.round_time * self.tau
         next_round = clock.now() + period
         next_grad = clock.now() + rng.expovariate(1.0) * self.tau

@@ -43,24 +43,18 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from typing import Any
 
 import torch
 
-from rumor.algorithms.averaging import (
-    check_compatible,
-    gossip_step_,
-    mixable,
-    weighted_average_,
-)
+from rumor.algorithms.averaging import check_compatible, mixable
 from rumor.algorithms.base import Context, MixingRule
 from rumor.algorithms.inbox import RoundInbox
+from rumor.algorithms.rounds import ModelMixer, catch_up, exchange
 from rumor.protocol.bundle import Bundle, Message
 from rumor.protocol.errors import Code, Rejected
-from rumor.topology import metropolis_weights
 
 __all__ = ["MODEL_KIND", "DFedSAM", "DFedSAMMGS", "catch_up", "split_tag", "step_tag"]
 
@@ -86,30 +80,6 @@ def split_tag(tag: int, steps: int) -> tuple[int, int]:
     if steps < 1 or tag < 0:
         raise ValueError(f"bad tag {tag} for {steps} steps per round")
     return divmod(tag, steps)
-
-
-async def catch_up(ctx: Context, state: dict[str, torch.Tensor], round: int, lag: int) -> int:
-    """The round to continue from; adopts the neighbours' mean model when far behind.
-
-    When every live neighbour has reported a round more than ``lag`` ahead of ``round`` (the
-    node restarted, or stalled), the node's own model is stale for everyone: it pulls the
-    neighbours' current models, replaces ``state`` (in place) by their mean and returns
-    their slowest round. Otherwise it returns ``round`` and changes nothing.
-    """
-    peers = ctx.neighbors()
-    rounds = [ctx.peer_round(p) for p in peers]
-    if not peers or any(r is None for r in rounds):
-        return round
-    target = min(r for r in rounds if r is not None)
-    if target <= round + lag:
-        return round
-    models = [m for m in await asyncio.gather(*(ctx.pull(p) for p in peers)) if m]
-    if not models:
-        return round
-    async with ctx.lock:
-        weighted_average_(state, 0.0, [(1.0 / len(models), m) for m in models])
-    ctx.log("caught up from round %d to %d with %d neighbours' models", round, target, len(models))
-    return target
 
 
 class DFedSAM(MixingRule):
@@ -141,6 +111,8 @@ class DFedSAM(MixingRule):
     """
 
     name = "dfedsam"
+    #: Its state between rounds is the model; the learning-rate schedule follows the round.
+    checkpointable = True
 
     def __init__(
         self,
@@ -172,7 +144,7 @@ class DFedSAM(MixingRule):
         self.round_timeout = float(round_timeout)
         self.catch_up_lag = int(catch_up_lag)
         self._inbox = RoundInbox(horizon=HORIZON_ROUNDS * self.gossip_steps)
-        self._scratch: dict[str, torch.Tensor] | None = None
+        self._mixer = ModelMixer()
         self._missing: set[str] = set()
 
     # --- the round -----------------------------------------------------------------------
@@ -193,7 +165,7 @@ class DFedSAM(MixingRule):
         trainer = ctx.trainer
         k = self.steps_per_round(trainer)
         lr0 = trainer.lr
-        round = 0
+        round = ctx.round  # nonzero after a resume from a checkpoint
         while not ctx.should_stop(round):
             round = await catch_up(ctx, state, round, self.catch_up_lag)
             if ctx.should_stop(round):
@@ -241,7 +213,6 @@ class DFedSAM(MixingRule):
         before the step (``a`` the weighted mean of those models; None when none came).
         """
         tag = step_tag(round, step, self.gossip_steps)
-        peers = ctx.neighbors()
         meta = {
             "degree": ctx.degree,
             "round": round,
@@ -250,26 +221,9 @@ class DFedSAM(MixingRule):
         }
         outgoing = ctx.message(MODEL_KIND, round=tag, bundle=Bundle(state, meta))
         # Mixing waits for the sends, so the live tensors cannot change while they stream.
-        sends = [asyncio.ensure_future(ctx.send(p, outgoing)) for p in peers]
-        known = set(ctx.all_neighbors())
-        # Every neighbour unreachable: wait for them (bounded) rather than race on alone;
-        # every neighbour gone for good: nobody to wait for.
-        wait_for = peers or ctx.present_neighbors()
-        arrived = await self._inbox.gather(tag, wait_for, self.round_timeout)
-        received = {p: m for p, m in arrived.items() if p in known}
-        await asyncio.gather(*sends)
-        self._note_missing(ctx, known - received.keys(), round, step)
-        if not received:
-            return 0, None
-        degrees = {p: int(m.bundle.meta["degree"]) for p, m in received.items()}  # type: ignore[union-attr]
-        # the self weight, 1 - sum of these, is what gossip_step_ leaves on the node's model
-        _, weights = metropolis_weights(ctx.degree, degrees)
-        others = [(weights[p], m.bundle.tensors) for p, m in received.items()]  # type: ignore[union-attr]
-        if self._scratch is None:
-            self._scratch = {k: torch.empty_like(v) for k, v in state.items()}
-        async with ctx.lock:
-            distance = gossip_step_(state, others, self._scratch)
-        return len(received), distance
+        received = await exchange(ctx, self._inbox, tag, outgoing, self.round_timeout)
+        self._note_missing(ctx, set(ctx.all_neighbors()) - received.keys(), round, step)
+        return len(received), await self._mixer.mix_(ctx, state, received)
 
     def _note_missing(self, ctx: Context, missing: set[str], round: int, step: int) -> None:
         if missing != self._missing:

@@ -30,19 +30,18 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from rumor.algorithms.base import Context, MixingRule
 from rumor.algorithms.inbox import RoundInbox
+from rumor.algorithms.rounds import exchange, metropolis_row
 from rumor.protocol.bundle import Bundle, Message
 from rumor.protocol.errors import Code, Rejected
-from rumor.topology import metropolis_weights
 
 __all__ = ["STATE_KIND", "DIGing"]
 
@@ -71,6 +70,7 @@ class DIGing(MixingRule):
     """
 
     name = "diging"
+    checkpointable = True
 
     def __init__(
         self, alpha: float | None = None, batch: str = "full", round_timeout: float = 10.0
@@ -95,6 +95,20 @@ class DIGing(MixingRule):
         self.incomplete_rounds = 0
         #: Called with the round number after every round's update (a monitoring hook).
         self.on_round: Callable[[int], None] | None = None
+        self._restored: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """x, the tracker y and the last local gradient: y's invariant (its mean is the
+        mean gradient) needs all three, so none can be recomputed after a restart."""
+        if self.x is None or self.y is None or self._g is None:
+            raise RuntimeError("the rule has not started")
+        return {"version": 1, "x": self.x.clone(), "y": self.y.clone(), "g": self._g.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output before :meth:`run` starts."""
+        if state.get("version") != 1:
+            raise ValueError(f"unknown diging state version {state.get('version')!r}")
+        self._restored = {k: state[k] for k in ("x", "y", "g")}
 
     def finish(self) -> None:
         """End the run after the current round, as if the round budget were spent."""
@@ -103,21 +117,20 @@ class DIGing(MixingRule):
     async def run(self, ctx: Context) -> None:
         trainer = ctx.trainer
         alpha = self.alpha if self.alpha is not None else float(trainer.lr)
-        self.x = trainer.parameters_vector().to(torch.float64)
-        self._g = await self._gradient_at(ctx, self.x)
-        self.y = self._g.clone()
-        round = 0
+        restored, self._restored = self._restored, None
+        if restored is not None:  # resume: the iterate, tracker and gradient as saved
+            self.x, self.y, self._g = (restored[k].to(torch.float64) for k in ("x", "y", "g"))
+            if self.x.shape != trainer.parameters_vector().shape:
+                raise ValueError("saved diging state does not match the model's size")
+        else:
+            self.x = trainer.parameters_vector().to(torch.float64)
+            self._g = await self._gradient_at(ctx, self.x)
+            self.y = self._g.clone()
+        round = ctx.round  # nonzero after a resume from a checkpoint
         while not (self._finish or ctx.should_stop(round)):
-            peers = ctx.neighbors()
             bundle = Bundle({"x": self.x, "y": self.y}, {"degree": ctx.degree})
             outgoing = ctx.message(STATE_KIND, round=round, bundle=bundle)
-            sends = [asyncio.ensure_future(ctx.send(p, outgoing)) for p in peers]
-            known = set(ctx.all_neighbors())
-            arrived = await self._inbox.gather(
-                round, peers or ctx.present_neighbors(), self.round_timeout
-            )
-            received = {p: m for p, m in arrived.items() if p in known}
-            await asyncio.gather(*sends)
+            received = await exchange(ctx, self._inbox, round, outgoing, self.round_timeout)
             missing = [p for p in ctx.all_neighbors() if p not in received]
             if missing:
                 self.incomplete_rounds += 1
@@ -140,8 +153,7 @@ class DIGing(MixingRule):
 
     def _mix(self, ctx: Context, received: dict[str, Message]) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.x is not None and self.y is not None
-        degrees = {p: int(m.bundle.meta["degree"]) for p, m in received.items()}  # type: ignore[union-attr]
-        self_w, weights = metropolis_weights(ctx.degree, degrees)
+        self_w, weights = metropolis_row(ctx, received)
         x, y = self_w * self.x, self_w * self.y
         for p, m in received.items():
             t = m.bundle.tensors  # type: ignore[union-attr]

@@ -19,23 +19,17 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 import torch
 
-from rumor.algorithms.averaging import (
-    check_compatible,
-    gossip_step_,
-    mixable,
-    weighted_average_,
-)
+from rumor.algorithms.averaging import check_compatible, mixable
 from rumor.algorithms.base import Context, MixingRule
 from rumor.algorithms.inbox import RoundInbox
+from rumor.algorithms.rounds import ModelMixer, catch_up, exchange
 from rumor.protocol.bundle import Bundle, Message
 from rumor.protocol.errors import Code, Rejected
-from rumor.topology import metropolis_weights
 
 MODEL_KIND = "gossip.model"
 
@@ -52,6 +46,9 @@ class DPSGD(MixingRule):
     """
 
     name = "dpsgd"
+    #: Between rounds its state is the model alone (the inbox only holds messages of rounds
+    #: not yet started), so a checkpoint of model and round resumes it exactly.
+    checkpointable = True
 
     def __init__(
         self, local_steps: int = 1, round_timeout: float = 10.0, catch_up_lag: int = 2
@@ -62,30 +59,23 @@ class DPSGD(MixingRule):
         self.round_timeout = float(round_timeout)
         self.catch_up_lag = int(catch_up_lag)
         self._inbox = RoundInbox()
-        self._scratch: dict[str, torch.Tensor] | None = None
+        self._mixer = ModelMixer()
 
     async def run(self, ctx: Context) -> None:
         state = mixable(ctx.model.state_dict())
-        round = 0
+        round = ctx.round  # nonzero after a resume from a checkpoint
         while not ctx.should_stop(round):
-            round = await self._catch_up(ctx, state, round)
+            # a node far behind every live neighbour (it restarted) adopts their mean model
+            round = await catch_up(ctx, state, round, self.catch_up_lag)
             if ctx.should_stop(round):
                 break
             async with ctx.lock:
                 loss = await ctx.compute(ctx.trainer.train_steps, self.local_steps)
-            peers = ctx.neighbors()
             # Mixing waits for the sends, so the live tensors cannot change while they stream.
             outgoing = ctx.message(
                 MODEL_KIND, round=round, bundle=Bundle(state, {"degree": ctx.degree})
             )
-            sends = [asyncio.ensure_future(ctx.send(p, outgoing)) for p in peers]
-            known = set(ctx.all_neighbors())
-            # With every neighbour unreachable, wait for them rather than race on alone;
-            # with every neighbour gone for good (finished), there is nobody to wait for.
-            wait_for = peers or ctx.present_neighbors()
-            arrived = await self._inbox.gather(round, wait_for, self.round_timeout)
-            received = {p: m for p, m in arrived.items() if p in known}
-            await asyncio.gather(*sends)
+            received = await exchange(ctx, self._inbox, round, outgoing, self.round_timeout)
             distance = await self._mix(ctx, state, received, round)
             ev = await ctx.maybe_evaluate(round)
             ctx.end_round(
@@ -93,36 +83,10 @@ class DPSGD(MixingRule):
             )
             round += 1
 
-    async def _catch_up(self, ctx: Context, state: dict[str, torch.Tensor], round: int) -> int:
-        """Jump ahead when every live neighbour is more than ``catch_up_lag`` rounds ahead.
-
-        This is a node that restarted or fell far behind: its messages would be stale for
-        everyone and it would wait out timeouts every round. It adopts the average of its
-        neighbours' current models (its own is outdated) and their slowest round.
-        """
-        peers = ctx.neighbors()
-        rounds = [ctx.peer_round(p) for p in peers]
-        if not peers or any(r is None for r in rounds):
-            return round
-        target = min(r for r in rounds if r is not None)
-        if target <= round + self.catch_up_lag:
-            return round
-        models = [m for m in await asyncio.gather(*(ctx.pull(p) for p in peers)) if m]
-        if not models:
-            return round
-        async with ctx.lock:
-            weighted_average_(state, 0.0, [(1.0 / len(models), m) for m in models])
-        ctx.log(
-            "caught up from round %d to %d with %d neighbours' models", round, target, len(models)
-        )
-        return target
-
     async def _mix(
         self, ctx: Context, state: dict[str, torch.Tensor], received: dict[str, Message], round: int
     ) -> float | None:
-        degrees = {p: int(m.bundle.meta.get("degree", ctx.degree)) for p, m in received.items()}  # type: ignore[union-attr]
-        # the self weight, 1 - sum(weights), is applied by gossip_step_
-        _, weights = metropolis_weights(ctx.degree, degrees)
+        """Mix the round's received models into ``state`` (a subclass may add to the merge)."""
         missing = [p for p in ctx.all_neighbors() if p not in received]
         if missing:
             ctx.log(
@@ -131,13 +95,7 @@ class DPSGD(MixingRule):
                 ", ".join(missing),
                 level=logging.DEBUG,
             )
-        if not received:
-            return None
-        others = [(weights[p], m.bundle.tensors) for p, m in received.items()]  # type: ignore[union-attr]
-        if self._scratch is None:
-            self._scratch = {k: torch.empty_like(v) for k, v in state.items()}
-        async with ctx.lock:
-            return gossip_step_(state, others, self._scratch)
+        return await self._mixer.mix_(ctx, state, received)
 
     async def on_message(self, ctx: Context, msg: Message) -> Message | None:
         if msg.kind != MODEL_KIND:

@@ -25,6 +25,13 @@ _BUILTIN: dict[str, str] = {
     "dfedsam": "rumor.algorithms.dfedsam:DFedSAM",
     "dfedsam-mgs": "rumor.algorithms.dfedsam:DFedSAMMGS",
     "variance-corrected": "rumor.algorithms.variance_corrected:VarianceCorrected",
+    "modest": "rumor.algorithms.modest:MoDeST",
+    "median": "rumor.algorithms.robust_gossip:Median",
+    "trimmed-mean": "rumor.algorithms.robust_gossip:TrimmedMean",
+    "krum": "rumor.algorithms.robust_gossip:Krum",
+    "multi-krum": "rumor.algorithms.robust_gossip:MultiKrum",
+    "foolsgold": "rumor.algorithms.robust_gossip:FoolsGold",
+    "sybilwall": "rumor.algorithms.sybilwall:SybilWall",
 }
 
 

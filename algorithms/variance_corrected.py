@@ -267,6 +267,9 @@ class _CorrectedDPSGD(DPSGD):
 class VarianceCorrected(MixingRule):
     """Gossip learning with variance-corrected averaging (Tian et al., arXiv:2404.04616).
 
+    Resumable from a checkpoint: the model and round are its state; models buffered but not
+    yet merged when a node stops are dropped (neighbours send new ones every round).
+
     Parameters
     ----------
     mode:
@@ -308,6 +311,7 @@ class VarianceCorrected(MixingRule):
     """
 
     name = "variance-corrected"
+    checkpointable = True
 
     def __init__(
         self,
@@ -372,7 +376,7 @@ class VarianceCorrected(MixingRule):
             await self._inner.run(ctx)
             return
         state = mixable(ctx.model.state_dict())
-        round = 0
+        round = ctx.round  # nonzero after a resume from a checkpoint
         while not ctx.should_stop(round):
             async with ctx.lock:
                 loss = await ctx.compute(ctx.trainer.train_steps, self.local_steps)

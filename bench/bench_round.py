@@ -326,7 +326,7 @@ def worker(config_path: str, profile: bool = False, warmup: int = 2) -> None:
     import torch
 
     from rumor import api
-    from rumor.algorithms import gossip, inbox
+    from rumor.algorithms import gossip, inbox, rounds
     from rumor.config import load
     from rumor.node import metrics, runtime
     from rumor.protocol import codec, framing
@@ -377,9 +377,9 @@ def worker(config_path: str, profile: bool = False, warmup: int = 2) -> None:
     timed_async(inbox.RoundInbox, "gather", "gather_wait")
     timed_async(runtime.NodeContext, "send", "send_each")
     timed_async(gossip.DPSGD, "_mix", "mix")
-    timed_sync(gossip, "squared_distance", "mix.distance")
-    timed_sync(gossip, "weighted_average_", "mix.weighted_average")
-    timed_sync(gossip, "gossip_step_", "mix.gossip_step")
+    # the mixing step lives in rounds.py (shared by dpsgd, dfedsam and diging)
+    timed_sync(rounds, "weighted_average_", "mix.weighted_average")
+    timed_sync(rounds, "gossip_step_", "mix.gossip_step")
     timed_sync(runtime.Node, "model_digest", "end.digest")
     timed_sync(metrics.MetricsLog, "write", "end.metrics_write")
     timed_sync(codec, "encode", "tx.encode_digest")
@@ -439,7 +439,6 @@ PHASE_ORDER = [
     ("rx.decode", "receive: landing copy + digest + finite check"),
     ("rx.on_message", "receive: compatibility check + inbox"),
     ("mix", "mix (DPSGD._mix, on the event loop)"),
-    ("mix.distance", "  squared_distance (float64)"),
     ("mix.weighted_average", "  weighted_average_"),
     ("mix.gossip_step", "  gossip_step_ (step + distance)"),
     ("end_round", "end_round"),

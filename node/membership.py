@@ -53,6 +53,9 @@ class Membership:
         self.period_s = period_s
         self.misses = misses
         self.peers = {nid: PeerInfo(nid, addr) for nid, addr in sorted(neighbours.items())}
+        #: Addresses of nodes that are not neighbours (a rule learned them, e.g. from a
+        #: membership view): reachable by ``request``, but neither heartbeated nor counted.
+        self.contacts: dict[str, str] = {}
 
     def alive(self) -> list[str]:
         return [nid for nid, p in self.peers.items() if p.alive]
@@ -65,11 +68,31 @@ class Membership:
         return [nid for nid, p in self.peers.items() if not p.left]
 
     def address_of(self, node_id: str) -> str:
-        return self.peers[node_id].address
+        """Where ``node_id`` listens: a neighbour's address, else a learned contact's."""
+        peer = self.peers.get(node_id)
+        return peer.address if peer is not None else self.contacts[node_id]
 
-    def on_success(self, node_id: str, degree: int | None = None, round: int | None = None) -> None:
+    def learn(self, node_id: str, address: str) -> None:
+        """Remember how to reach a node that is not a neighbour (neighbours keep theirs)."""
+        if node_id != self.node_id and node_id not in self.peers and address:
+            self.contacts[node_id] = address
+
+    def on_success(
+        self,
+        node_id: str,
+        degree: int | None = None,
+        round: int | None = None,
+        *,
+        heartbeat: bool = False,
+    ) -> None:
+        """``node_id`` answered or wrote to us. Only a heartbeat that does not say "leaving"
+        takes back a neighbour that announced it left: an exchange still in flight when it
+        left may complete afterwards, and must not make us wait for it again."""
         peer = self.peers.get(node_id)
         if peer is None:
+            return
+        if peer.left and not heartbeat:
+            peer.last_seen = self.clock.now()
             return
         if not peer.alive:
             log.info("%s: neighbour %s is back", self.node_id, node_id)
@@ -119,7 +142,7 @@ class Membership:
             if pong.leaving:
                 self.on_leave(peer.node_id)
             else:
-                self.on_success(peer.node_id, degree=pong.degree, round=pong.round)
+                self.on_success(peer.node_id, degree=pong.degree, round=pong.round, heartbeat=True)
 
         await asyncio.gather(*(one(p) for p in self.peers.values()))
 
@@ -167,5 +190,5 @@ class Membership:
         if pong.leaving:
             self.on_leave(node_id)
         else:
-            self.on_success(node_id, degree=pong.degree, round=pong.round)
+            self.on_success(node_id, degree=pong.degree, round=pong.round, heartbeat=True)
         return True

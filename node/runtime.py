@@ -13,17 +13,20 @@ import concurrent.futures
 import contextlib
 import logging
 import random
+import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 import torch
 
 from rumor.algorithms.base import MixingRule
+from rumor.node.checkpoint import NodeCheckpointer
 from rumor.node.clock import Clock
 from rumor.node.membership import Membership
 from rumor.node.metrics import MetricsLog
 from rumor.node.observe import PULL_KIND
+from rumor.node.telemetry import Telemetry
 from rumor.protocol.bundle import Bundle, Message
 from rumor.protocol.codec import bundle_digest
 from rumor.protocol.constants import (
@@ -53,13 +56,15 @@ class NodeContext:
         self.clock = node.clock
         self.trainer = node.trainer
         self.model: torch.nn.Module = node.trainer.model
-        self.lock = asyncio.Lock()
+        self.lock = node.telemetry.model_lock()
         self.max_rounds = node.max_rounds
         self.params: Mapping[str, Any] = node.rule.describe()
         self.round = 0
         self.last_loss: float | None = None
         self.last_eval: dict[str, Any] = {}
         self.exchanges = 0
+        self.round_ended_at: float | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- neighbourhood -------------------------------------------------------------------
     def neighbors(self) -> list[str]:
@@ -74,6 +79,43 @@ class NodeContext:
     @property
     def degree(self) -> int:
         return len(self._node.membership.peers)
+
+    # --- nodes beyond the neighbourhood (rules that sample the whole population) ---------
+    @property
+    def address(self) -> str:
+        """Where this node listens, as peers should dial it."""
+        return self._node.transport.address
+
+    def address_of(self, peer: str) -> str | None:
+        """Where ``peer`` listens, if this node knows (a neighbour or a learned contact)."""
+        try:
+            return self._node.membership.address_of(peer)
+        except KeyError:
+            return None
+
+    def learn_address(self, peer: str, address: str) -> None:
+        """Make ``peer`` reachable by ``request``/``send`` without making it a neighbour."""
+        self._node.membership.learn(peer, address)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str = "") -> asyncio.Task[Any]:
+        """Run ``coro`` beside the rule (timers, background sends); cancelled when the node
+        stops, and its failure is logged rather than lost."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._task_done(t, name))
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any], name: str) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: task %s failed", self.node_id, name, exc_info=task.exception())
+
+    async def cancel_tasks(self) -> None:
+        """Cancel what :meth:`spawn` started and wait for it (bounded: tasks only unwind)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def peer_round(self, peer: str) -> int | None:
         """The last round ``peer`` reported (heartbeats), if any."""
@@ -101,6 +143,11 @@ class NodeContext:
 
     async def compute(self, fn: Callable[..., T], *args: Any, cost_s: float | None = None) -> T:
         """CPU work: a worker thread on a real node; inline plus a modelled cost in simulation."""
+        node = self._node
+        with node.telemetry.span("compute", fn=getattr(fn, "__name__", "")):
+            return await self._compute(fn, *args, cost_s=cost_s)
+
+    async def _compute(self, fn: Callable[..., T], *args: Any, cost_s: float | None) -> T:
         node = self._node
         if node.executor is None:
             result = fn(*args)
@@ -133,13 +180,25 @@ class NodeContext:
         self, peer: str, msg: Message, timeout: float | None = None
     ) -> Message | None:
         node = self._node
+        if self.address_of(peer) is None:
+            raise PeerUnavailable(peer, "no known address")
+        start, t0 = time.time(), time.perf_counter()
         try:
             reply = await node.transport.request(
                 node.membership.address_of(peer), msg, timeout or node.request_timeout_s
             )
-        except PeerUnavailable:
-            node.membership.on_failure(peer, node.membership.misses)
+        except (PeerUnavailable, Rejected) as exc:
+            error = "unavailable" if isinstance(exc, PeerUnavailable) else "rejected"
+            node.telemetry.on_request(
+                peer, msg.kind, msg.nbytes, 0, start, time.perf_counter() - t0, error
+            )
+            if isinstance(exc, PeerUnavailable):
+                node.membership.on_failure(peer, node.membership.misses)
             raise
+        received = 0 if reply is None else reply.nbytes
+        node.telemetry.on_request(
+            peer, msg.kind, msg.nbytes, received, start, time.perf_counter() - t0, None
+        )
         node.membership.on_success(peer)
         self.exchanges += 1
         return reply
@@ -170,9 +229,13 @@ class NodeContext:
     def end_round(self, round: int, **fields: Any) -> None:
         node = self._node
         self.round = round + 1
+        self.round_ended_at = node.clock.now()
         if "loss" in fields:
             self.last_loss = fields["loss"]
         ev = fields.pop("eval", None) or {}
+        node.telemetry.on_round(round, fields.get("loss"), ev.get("accuracy"))
+        if node.checkpointer is not None:  # before the metrics line: a logged round is saved
+            node.checkpointer.after_round(node, self.round)
         stats = node.transport.stats
         node.metrics.write(
             "round",
@@ -188,6 +251,11 @@ class NodeContext:
             alive=len(self.neighbors()),
             **fields,
         )
+
+    def seconds_since_round(self) -> float | None:
+        """Staleness: seconds on the node's clock since the last round ended (None before)."""
+        ended = self.round_ended_at
+        return None if ended is None else self._node.clock.now() - ended
 
     def log(self, msg: str, *args: Any, level: int = logging.INFO) -> None:
         log.log(level, f"{self.node_id}: {msg}", *args)
@@ -216,8 +284,13 @@ class Node:
         request_timeout_s: float = EXCHANGE_TIMEOUT_S,
         startup_wait_s: float = 30.0,
         linger_s: float = 0.0,
+        telemetry: Telemetry | None = None,
+        checkpointer: NodeCheckpointer | None = None,
     ) -> None:
         self.node_id = node_id
+        self.telemetry = telemetry or Telemetry()
+        #: Saves and resumes this node (rumor.node.checkpoint); None: no checkpoints.
+        self.checkpointer = checkpointer
         self.rule = rule
         self.trainer = trainer
         self.transport = transport
@@ -253,14 +326,25 @@ class Node:
 
     async def run(self) -> dict[str, Any]:
         """Serve, train and gossip until the round budget is spent or a stop is requested."""
+        if self.checkpointer is not None:  # before serving: a refused checkpoint ends here
+            self.checkpointer.resume(self)
         address = await self.transport.start(self)
+        await self.telemetry.start(self)
         self.metrics.write(
-            "start", address=address, algorithm=self.rule.name, params=_jsonable(self.ctx.params)
+            "start",
+            address=address,
+            algorithm=self.rule.name,
+            params=_jsonable(self.ctx.params),
+            **self.telemetry.describe(),
         )
         heartbeat: asyncio.Task[None] | None = None
         try:
-            missing = await self.membership.wait_for_neighbours(
-                self.transport, self._ping, self.startup_wait_s
+            missing = await _unless_stopped(
+                self.membership.wait_for_neighbours(
+                    self.transport, self._ping, self.startup_wait_s
+                ),
+                self.stopping,
+                default=list(self.membership.peers),
             )
             if missing:
                 log.warning("%s: starting without %s", self.node_id, ", ".join(missing))
@@ -268,6 +352,10 @@ class Node:
                 self.membership.run(self.transport, self._ping, self.stopping)
             )
             await self.rule.run(self.ctx)
+            await self.ctx.cancel_tasks()
+            if self.checkpointer is not None:  # finished, or stopped cleanly (SIGTERM)
+                self.checkpointer.save(self, "stop" if self.stopping.is_set() else "finished")
+                await self.checkpointer.flush()
             self.finished = True
             await self._announce_leave()
             self.metrics.write("finished", round=self.ctx.round, **_eval_fields(self.ctx))
@@ -276,6 +364,7 @@ class Node:
                     await asyncio.wait_for(self.stopping.wait(), self.linger_s)
         finally:
             self.stopping.set()
+            await self.ctx.cancel_tasks()
             if heartbeat is not None:
                 await asyncio.gather(heartbeat, return_exceptions=True)
             if not self.finished:
@@ -291,6 +380,7 @@ class Node:
                 digest=self.model_digest(),
             )
             await self.transport.stop(grace=0.5)
+            await self.telemetry.stop()
             self.metrics.close()
             if self.executor is not None:
                 self.executor.shutdown(wait=True)
@@ -321,7 +411,9 @@ class Node:
         if ping.leaving:
             self.membership.on_leave(ping.sender)
         else:
-            self.membership.on_success(ping.sender, degree=ping.degree, round=ping.round)
+            self.membership.on_success(
+                ping.sender, degree=ping.degree, round=ping.round, heartbeat=True
+            )
         return node_pb2.Pong(
             node_id=self.node_id,
             protocol_version=PROTOCOL_VERSION,
@@ -332,6 +424,19 @@ class Node:
         )
 
     async def handle_message(self, msg: Message) -> Message | None:
+        start, t0 = time.time(), time.perf_counter()
+        reply = await self._answer(msg)
+        self.telemetry.on_incoming(
+            msg.sender,
+            msg.kind,
+            msg.nbytes,
+            0 if reply is None else reply.nbytes,
+            start,
+            time.perf_counter() - t0,
+        )
+        return reply
+
+    async def _answer(self, msg: Message) -> Message | None:
         if msg.kind == PULL_KIND:
             async with self.ctx.lock:
                 state = {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
@@ -367,6 +472,7 @@ class Node:
             rejected=stats.rejected_in,
             address=self.transport.address,
             finished=self.finished,
+            since_round_s=_or_minus_one(self.ctx.seconds_since_round()),
         )
         now = self.clock.now()
         for peer in self.membership.peers.values():
@@ -381,6 +487,24 @@ class Node:
 
     def model_digest(self) -> str:
         return bundle_digest(self.trainer.model.state_dict())
+
+
+def _or_minus_one(value: float | None) -> float:
+    return -1.0 if value is None else value
+
+
+async def _unless_stopped(coro: Coroutine[Any, Any, T], stopping: asyncio.Event, default: T) -> T:
+    """``await coro``, or ``default`` as soon as ``stopping`` is set (SIGTERM during a wait)."""
+    task = asyncio.ensure_future(coro)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, stop, return_exceptions=True)
+    return task.result() if not task.cancelled() else default
 
 
 def _nan(value: Any) -> float:

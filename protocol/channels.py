@@ -7,6 +7,9 @@ the HTTP proxy from the environment is ignored, so node traffic goes straight to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import grpc
 
 from rumor.protocol.constants import (
@@ -42,16 +45,28 @@ def server_options(max_message_bytes: int = GRPC_MAX_MESSAGE_BYTES) -> list[tupl
 
 
 def make_channel(
-    target: str, credentials: grpc.ChannelCredentials | None = None
+    target: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    extra_options: Sequence[tuple[str, Any]] = (),
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
-    """A client channel to one peer; plaintext when ``credentials`` is None."""
+    """A client channel to one peer; plaintext when ``credentials`` is None.
+
+    ``extra_options`` and ``interceptors`` come from :mod:`rumor.protocol.security` (the
+    expected peer's TLS name, the cluster token).
+    """
+    options = [*channel_options(), *extra_options]
     if credentials is None:
-        return grpc.aio.insecure_channel(target, options=channel_options())
-    return grpc.aio.secure_channel(target, credentials, options=channel_options())
+        return grpc.aio.insecure_channel(
+            target, options=options, interceptors=list(interceptors) or None
+        )
+    return grpc.aio.secure_channel(
+        target, credentials, options=options, interceptors=list(interceptors) or None
+    )
 
 
-def make_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=server_options())
+def make_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    return grpc.aio.server(options=server_options(), interceptors=list(interceptors) or None)
 
 
 def bind(

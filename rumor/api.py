@@ -24,19 +24,24 @@ from typing import Any
 
 from rumor.algorithms import registry
 from rumor.config import NodeConfig
+from rumor.node import checkpoint
 from rumor.node.clock import Clock
 from rumor.node.runtime import Node
+from rumor.node.telemetry import from_config as telemetry_from_config
+from rumor.protocol.security import Security
 from rumor.protocol.transport import Transport
 
 log = logging.getLogger("rumor")
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """Structured one-line logs; every line of a node names the node."""
+def setup_logging(level: str = "INFO", node_id: str | None = None) -> None:
+    """Structured one-line logs; in a node daemon every line names the node
+    (``2025-01-01 12:00:00,000 WARNING node=node-3 rumor.security ...``)."""
     level = os.environ.get("RUMOR_LOG_LEVEL", level).upper()
+    who = f"node={node_id} ".replace("%", "%%") if node_id else ""
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        format="%(asctime)s %(levelname)s " + who + "%(name)s %(message)s",
     )
 
 
@@ -55,6 +60,10 @@ def make_trainer(cfg: NodeConfig, dataset: Any = None, parts: Any = None) -> Any
         dataset = get_dataset(cfg.dataset, seed=cfg.seed)
     if parts is None:
         parts = partition(cfg.partition, dataset.y_train, cfg.n_nodes, seed=cfg.seed)
+    if cfg.role != "honest":  # an attacker identity trains on poisoned rows
+        from rumor.algorithms.attacks import poison
+
+        dataset, parts = poison(cfg.role, dataset, parts, cfg.index, cfg.role_params, cfg.seed)
     train, test = node_loaders(dataset, parts, cfg.index, cfg.batch_size, seed=cfg.seed)
     model = build_model(
         cfg.model, dataset.x_train.shape[1], dataset.num_classes, seed=cfg.model_seed
@@ -82,6 +91,10 @@ def make_node(
 ) -> Node:
     """A :class:`Node` for ``cfg`` on ``transport`` (trainer built from ``cfg`` if not given)."""
     rule = registry.create(cfg.algorithm, cfg.params)
+    if cfg.role != "honest":
+        from rumor.algorithms.attacks import SybilIdentity
+
+        rule = SybilIdentity(rule)
     return Node(
         node_id=cfg.node_id,
         rule=rule,
@@ -100,6 +113,9 @@ def make_node(
         request_timeout_s=cfg.request_timeout,
         startup_wait_s=cfg.startup_wait,
         linger_s=cfg.linger,
+        # Exporters (Prometheus, trace) measure wall time: real nodes only.
+        telemetry=None if simulated else telemetry_from_config(cfg),
+        checkpointer=None if simulated else checkpoint.from_config(cfg),
     )
 
 
@@ -109,7 +125,11 @@ async def run_node(cfg: NodeConfig, trainer: Any = None) -> dict[str, Any]:
     from rumor.protocol.grpc_transport import GrpcTransport
 
     keep_freed_memory()  # model-sized buffers come back every round: keep them mapped
-    transport = GrpcTransport(cfg.listen, advertise=cfg.advertise, node_id=cfg.node_id)
+    security = Security.from_config(cfg)  # SecurityError: plain text off loopback, no keys
+    security.announce([cfg.listen, cfg.advertise or "", *cfg.peers.values()])
+    transport = GrpcTransport(
+        cfg.listen, advertise=cfg.advertise, node_id=cfg.node_id, security=security
+    )
     node = make_node(cfg, transport, trainer=trainer)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -32,12 +32,16 @@ else:  # pragma: no cover
 class NodeConfig:
     """Everything one node needs to start. Times are seconds."""
 
+    #: Stable node id: names the node in logs, metrics, its certificate and its checkpoints.
     node_id: str = "node-0"
     #: This node's shard of the partitioned dataset, and how many shards there are.
     index: int = 0
     n_nodes: int = 1
+    #: host:port the server binds (``0.0.0.0:50051`` for every interface; port 0: any free).
     listen: str = "127.0.0.1:0"
+    #: host:port peers use to reach this node, when it differs from ``listen`` (NAT, 0.0.0.0).
     advertise: str | None = None
+    #: Neighbours: node id -> host:port.
     peers: dict[str, str] = field(default_factory=dict)
     algorithm: str = "dpsgd"
     params: dict[str, Any] = field(default_factory=dict)
@@ -55,15 +59,50 @@ class NodeConfig:
     #: "shared": every node starts from the same weights x_0 (as D-PSGD assumes);
     #: "independent": each node draws its own (shows consensus forming from scratch).
     init: str = "shared"
+    #: "honest", or an attacker identity: "label-flip" or "backdoor" (rumor.algorithms.attacks)
+    #: with its options in ``role_params``; such a node trains on poisoned data and never mixes.
+    role: str = "honest"
+    role_params: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 1
     metrics: str | None = None
+    #: Serve Prometheus metrics on this port (same host as ``listen``; 0: any free port).
+    metrics_port: int | None = None
+    #: Write a Chrome trace of compute/send/mix spans to this file.
+    trace: str | None = None
+    #: Seconds between heartbeats to each neighbour. 1 s suits a LAN; raise it on the Internet.
     heartbeat_period: float = 1.0
+    #: Missed heartbeats before a neighbour counts as dead (detection ~ period x misses).
     heartbeat_misses: int = 3
+    #: Deadline of one model exchange (s); a large model over a slow link needs more.
     request_timeout: float = 30.0
+    #: How long to wait at start for the neighbours to answer before training anyway (s).
     startup_wait: float = 30.0
+    #: Seconds to keep serving after the last round (so slower neighbours can still pull).
     linger: float = 0.0
     torch_threads: int = 1
     log_level: str = "INFO"
+    # --- security (rumor.protocol.security; docs/security.md) --------------------------
+    #: This node's certificate, private key and the cluster CA (PEM; `rumor keys`). With all
+    #: three, every connection is mutual TLS; required when any address is off loopback.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    #: Allow plain text off loopback. Logged as a WARNING; for trusted test networks only.
+    insecure: bool = False
+    #: Shared cluster token every call must carry (prefer ``token_file``, kept out of configs).
+    token: str | None = None
+    token_file: str | None = None
+    #: Node ids (from client certificates) allowed to call this node; None: any the CA signed.
+    allow_ids: list[str] | None = None
+    # --- checkpoints (rumor.node.checkpoint) -------------------------------------------
+    #: Folder for this node's checkpoints; None: no checkpoints and no resume.
+    checkpoint_dir: str | None = None
+    #: Save every this many rounds (and on SIGTERM and at the end).
+    checkpoint_every: int = 10
+    #: Checkpoints kept; older ones are deleted.
+    checkpoint_keep: int = 3
+    #: Resume from the latest checkpoint in ``checkpoint_dir`` when there is one.
+    resume: bool = True
 
     @property
     def model_seed(self) -> int:
@@ -122,6 +161,16 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def check_address(address: str) -> str:
+    """``address`` if it is ``host:port`` (``[v6]:port`` for IPv6, port 0-65535)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected host:port, got {address!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"write an IPv6 address in brackets, [{host}]:{port}, got {address!r}")
+    return address
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:

@@ -79,12 +79,15 @@ def plot_runs(
     per_node: bool = True,
     title: str | None = None,
     dpi: int = DPI,
+    side_by_side: bool = False,
 ) -> Path:
     """Write a PNG with one panel per metric for ``runs`` to ``out`` and return its path.
 
     ``metrics`` are round-record fields (``loss``, ``accuracy``, ``test_loss``, ...) plus
     ``"consensus"`` and ``"bytes"``; ``x`` is one of ``time``, ``elapsed``, ``round``,
-    ``bytes``. ``per_node=False`` draws only the means.
+    ``bytes``. ``per_node=False`` draws only the means. Several runs share each panel
+    (overlaid, one colour per run), or with ``side_by_side`` get one column each, a row per
+    metric, y axes shared along a row so the columns compare at a glance.
     """
     if not runs:
         raise ValueError("no runs to plot")
@@ -102,6 +105,8 @@ def plot_runs(
     rows = math.ceil(len(metrics) / cols)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     colours = _colours(len(runs))
+    if side_by_side and len(runs) > 1:
+        return _side_by_side(runs, out, metrics, x, per_node, title, dpi, colours)
 
     for ax, metric in zip(axes, metrics, strict=False):
         if metric == "consensus":
@@ -117,6 +122,45 @@ def plot_runs(
     _legend(axes[0], runs, colours, per_node)
     fig.suptitle(title or _default_title(runs), fontsize=12)
 
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, format="png")
+    return out
+
+
+def _side_by_side(
+    runs: Sequence[Run],
+    out: str | Path,
+    metrics: list[str],
+    x: str,
+    per_node: bool,
+    title: str | None,
+    dpi: int,
+    colours: list[Any],
+) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    width, height = PANEL_SIZE_IN[0] * 0.8 * len(runs), PANEL_SIZE_IN[1] * 0.8 * len(metrics)
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(len(metrics), len(runs), squeeze=False, sharey="row")
+    for row, metric in enumerate(metrics):
+        for col, (run, colour) in enumerate(zip(runs, colours, strict=True)):
+            ax = grid[row, col]
+            if metric == "consensus":
+                _consensus_panel(ax, [run], [colour], x, per_node)
+            elif metric == "bytes":
+                _bytes_panel(ax, [run], [colour], x)
+            else:
+                _node_metric_panel(ax, [run], [colour], metric, x, per_node)
+            ax.grid(True, alpha=0.3, linewidth=0.6)
+            if row == 0:
+                ax.set_title(f"{run_label(run)}\n{ax.get_title()}", fontsize=10)
+            if col > 0:
+                ax.set_ylabel("")
+    _legend(grid[0, 0], runs, colours, per_node)
+    fig.suptitle(title or _default_title(runs), fontsize=12)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi, format="png")
@@ -267,3 +311,133 @@ def _default_title(runs: Sequence[Run]) -> str:
     names = ", ".join(r.name for r in runs[:4])
     more = f" and {len(runs) - 4} more" if len(runs) > 4 else ""
     return f"Comparison: {names}{more}"
+
+
+# ---------------------------------------------------------------------- topology pictures
+
+LAYOUTS: tuple[str, ...] = ("auto", "spring", "circular", "kamada-kawai", "spectral", "shell")
+
+
+def draw_topology(
+    G: Any,
+    out: str | Path,
+    values: dict[Any, float | None] | None = None,
+    value_label: str = "",
+    title: str | None = None,
+    layout: str = "auto",
+    seed: int = 0,
+    down_edges: Sequence[tuple[Any, Any]] = (),
+    dpi: int = DPI,
+) -> Path:
+    """Write a PNG of graph ``G`` to ``out``; nodes coloured by ``values`` when given.
+
+    ``values`` maps node to a number (accuracy, round, loss ...); nodes without one are grey
+    and a colour bar labelled ``value_label`` explains the rest. ``down_edges`` are drawn
+    dashed red (a link one end believes down). ``layout="auto"`` picks a circle for rings
+    and small graphs where every node has degree 2, Kamada-Kawai otherwise (spring layout
+    beyond 200 nodes, where Kamada-Kawai gets slow).
+    """
+    import networkx as nx
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import Normalize, to_rgb
+    from matplotlib.figure import Figure
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    n = G.number_of_nodes()
+    if n == 0:
+        raise ValueError("cannot draw an empty graph")
+    pos = _layout(G, layout, seed)
+    side = float(np.clip(2.0 + 0.35 * math.sqrt(n) * 2, 5.0, 12.0))
+    fig = Figure(figsize=(side + (1.2 if values else 0.0), side), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+
+    down = {frozenset(e) for e in down_edges}
+    up_edges = [e for e in G.edges if frozenset(e) not in down]
+    bad_edges = [e for e in G.edges if frozenset(e) in down]
+    width = 1.6 if n <= 50 else 0.8
+    nx.draw_networkx_edges(G, pos, edgelist=up_edges, ax=ax, width=width, edge_color="0.55")
+    if bad_edges:
+        nx.draw_networkx_edges(
+            G, pos, edgelist=bad_edges, ax=ax, width=width, edge_color="tab:red", style="dashed"
+        )
+
+    nodes = list(G.nodes)
+    size = float(np.clip(9000 / n, 40, 900))
+    known = {v: x for v, x in (values or {}).items() if x is not None and math.isfinite(x)}
+    if values:
+        cmap = colormaps["viridis"]
+        lo, hi = (min(known.values()), max(known.values())) if known else (0.0, 1.0)
+        if hi <= lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        norm = Normalize(lo, hi)
+        colours = [cmap(norm(known[v])) if v in known else (0.8, 0.8, 0.8, 1.0) for v in nodes]
+        from matplotlib.cm import ScalarMappable
+
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.7)
+        bar.set_label(value_label)
+    else:
+        colours = ["tab:blue"] * n
+    nx.draw_networkx_nodes(
+        G, pos, nodelist=nodes, ax=ax, node_color=colours, node_size=size, edgecolors="0.2"
+    )
+    if n <= 40:
+        for v, colour in zip(nodes, colours, strict=True):
+            r, g, b = to_rgb(colour)
+            ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
+            x, y = pos[v]
+            label = str(v).removeprefix("node-")
+            ax.text(x, y, label, ha="center", va="center", fontsize=8, color=ink)
+    ax.set_title(title or f"{n} nodes, {G.number_of_edges()} edges", fontsize=11)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi, format="png")
+    return out
+
+
+def _layout(G: Any, layout: str, seed: int) -> dict[Any, Any]:
+    import networkx as nx
+
+    if layout == "auto":
+        degrees = {d for _, d in G.degree}
+        if degrees == {2} and nx.is_connected(G):
+            layout = "circular"
+        elif G.number_of_nodes() > 200 or not nx.is_connected(G):
+            layout = "spring"
+        else:
+            layout = "kamada-kawai"
+    if layout == "circular":
+        # A ring drawn in ring order, not in the order the nodes were added.
+        order = _cycle_order(G)
+        return nx.circular_layout(G if order is None else _ordered(G, order))
+    if layout == "kamada-kawai":
+        return nx.kamada_kawai_layout(G)
+    if layout == "spectral":
+        return nx.spectral_layout(G)
+    if layout == "shell":
+        return nx.shell_layout(G)
+    return nx.spring_layout(G, seed=seed)
+
+
+def _cycle_order(G: Any) -> list[Any] | None:
+    import networkx as nx
+
+    try:
+        return (
+            [u for u, _ in nx.find_cycle(G)] if G.number_of_edges() == G.number_of_nodes() else None
+        )
+    except nx.NetworkXNoCycle:
+        return None
+
+
+def _ordered(G: Any, order: list[Any]) -> Any:
+    import networkx as nx
+
+    H = nx.Graph()
+    H.add_nodes_from(order)
+    H.add_nodes_from(G.nodes)
+    H.add_edges_from(G.edges)
+    return H

@@ -77,3 +77,21 @@ def test_a_node_with_every_neighbour_unreachable_waits_instead_of_racing_alone()
     simulate(_configs(3, 200), step_cost_s=0.01, scenario=scenario)
     # it waits a round timeout per round for neighbours that may come back
     assert rounds_done["alone"] <= 30.0 / ROUND_TIMEOUT + 2
+
+
+def test_an_exchange_finishing_after_a_leave_does_not_take_the_neighbour_back() -> None:
+    """A neighbour said it left while one of our exchanges with it was still in flight; that
+    exchange then completes. Waiting for it again would cost every later round its timeout
+    (seen as a node that cannot shut down in time), so only its heartbeat brings it back."""
+    from rumor.node.clock import Clock
+    from rumor.node.membership import Membership
+
+    loop = asyncio.new_event_loop()
+    m = Membership("a", {"b": "addr-b", "c": "addr-c"}, Clock(loop))
+    loop.close()  # the clock is only read, never slept on
+    m.on_leave("b")
+    m.on_success("b")  # the late answer of an exchange started before the leave
+    assert m.present() == ["c"] and m.alive() == ["c"]
+    m.on_success("b", degree=2, round=7, heartbeat=True)  # it restarted and pings again
+    assert m.present() == ["b", "c"] and m.alive() == ["b", "c"]
+    assert m.peers["b"].round == 7

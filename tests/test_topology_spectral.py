@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -180,7 +181,8 @@ def test_spectral_gap_bigger_for_better_connected_graphs():
         topo.spectral_gap(topo.metropolis_hastings(topo.build(s)))
         for s in ("ring:16", "torus:4x4", "hypercube:4", "exponential:16", "complete:16")
     ]
-    assert gaps == sorted(gaps)
+    # torus:4x4 and hypercube:4 are the same graph (gap 0.4), equal up to rounding
+    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(gaps)), gaps
 
 
 # ---------------------------------------------------------------- Laplacian constants

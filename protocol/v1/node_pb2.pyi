@@ -75,7 +75,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node_id", "algorithm", "round", "uptime_s", "loss", "accuracy", "bytes_in", "bytes_out", "exchanges", "model_digest", "peers", "rejected", "address", "finished")
+    __slots__ = ("node_id", "algorithm", "round", "uptime_s", "loss", "accuracy", "bytes_in", "bytes_out", "exchanges", "model_digest", "peers", "rejected", "address", "finished", "since_round_s")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class StatusReply(_message.Message):
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    SINCE_ROUND_S_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     algorithm: str
     round: int
@@ -104,7 +105,8 @@ class StatusReply(_message.Message):
     rejected: int
     address: str
     finished: bool
-    def __init__(self, node_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., round: _Optional[int] = ..., uptime_s: _Optional[float] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., exchanges: _Optional[int] = ..., model_digest: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerState, _Mapping]]] = ..., rejected: _Optional[int] = ..., address: _Optional[str] = ..., finished: _Optional[bool] = ...) -> None: ...
+    since_round_s: float
+    def __init__(self, node_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., round: _Optional[int] = ..., uptime_s: _Optional[float] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., exchanges: _Optional[int] = ..., model_digest: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerState, _Mapping]]] = ..., rejected: _Optional[int] = ..., address: _Optional[str] = ..., finished: _Optional[bool] = ..., since_round_s: _Optional[float] = ...) -> None: ...
 
 class PeerState(_message.Message):
     __slots__ = ("node_id", "address", "alive", "last_seen_s", "failures")

@@ -17,6 +17,8 @@ CLAIMS: dict[str, str] = {
     "dadao": "rumor.claims.dadao",
     "dfedsam": "rumor.claims.dfedsam",
     "variance-corrected": "rumor.claims.variance_corrected",
+    "modest": "rumor.claims.modest",
+    "sybilwall": "rumor.claims.sybilwall",
 }
 
 

@@ -147,6 +147,9 @@ def run(quick: bool = False, seeds: int | None = None) -> Claim:
     if n_seeds < 1:
         raise ValueError("seeds must be >= 1")
     setup = Setup(rounds=40, topologies=("ring",)) if quick else Setup()
+    # tiny models in one process: a second intra-op thread only adds contention (25x slower
+    # backward passes measured on a loaded 2-core machine)
+    torch.set_num_threads(1)
     started = time.perf_counter()
     outcomes: dict[tuple[str, str], list[Outcome]] = {}
     for topology in setup.topologies:

@@ -177,6 +177,9 @@ def run(quick: bool = False, seeds: int | None = None) -> Claim:
     if n_seeds < 1:
         raise ValueError("seeds must be >= 1")
     setup = Setup(rounds=100 if quick else 200)
+    # tiny models in one process: a second intra-op thread only adds contention (25x slower
+    # backward passes measured on a loaded 2-core machine)
+    torch.set_num_threads(1)
     started = time.perf_counter()
     results: dict[str, list[int | None]] = {}
     finals: dict[str, list[float]] = {}

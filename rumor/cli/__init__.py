@@ -23,9 +23,12 @@ _COMMAND_MODULES = (
     "cluster_cmd",
     "simulate_cmd",
     "status_cmd",
+    "watch_cmd",
     "topology_cmd",
     "plot_cmd",
     "bench_cmd",
+    "keys_cmd",
+    "deploy_cmd",
 )
 
 for _name in _COMMAND_MODULES:

@@ -20,6 +20,9 @@ def claims(
     name: str = typer.Argument(None, help="Claim to reproduce; omit to list them."),
     quick: bool = typer.Option(False, help="Smaller run, for a first look."),
     seeds: int = typer.Option(None, help="Number of seeds (default: the claim's own)."),
+    grpc: bool = typer.Option(
+        False, "--grpc", help="modest only: the comparison over real gRPC processes."
+    ),
     fmt: OutputFormat = FormatOpt,
 ) -> None:
     """Run the experiment behind an algorithm's claim and print the measured table."""
@@ -29,8 +32,16 @@ def claims(
         for key, module in sorted(registry.available().items()):
             typer.echo(f"{key:20s} {module}")
         return
+    if grpc and name != "modest":
+        typer.echo("rumor bench claims: --grpc exists for modest only", err=True)
+        raise typer.Exit(2)
     try:
-        claim = registry.run(name, quick=quick, seeds=seeds)
+        if grpc:
+            from rumor.claims import modest_grpc
+
+            claim = modest_grpc.run(quick=quick, seeds=seeds)
+        else:
+            claim = registry.run(name, quick=quick, seeds=seeds)
     except KeyError as exc:
         typer.echo(f"rumor bench claims: {exc.args[0]}", err=True)
         raise typer.Exit(2) from exc

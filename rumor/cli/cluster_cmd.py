@@ -34,7 +34,11 @@ def up(
     param: list[str] = typer.Option(None, "--param", "-p", help="Rule parameter key=value."),
     rounds: int = typer.Option(30),
     dataset: str = typer.Option("digits"),
-    partition: str = typer.Option("dirichlet:0.5"),
+    partition: str = typer.Option(
+        None,
+        help="iid, dirichlet:ALPHA[:MIN], shards:K. Default: dirichlet:0.5 for a labelled "
+        "dataset, iid for regression (label skew needs class labels).",
+    ),
     model: str = typer.Option("mlp"),
     lr: float = typer.Option(0.05),
     momentum: float = typer.Option(0.9, help="SGD momentum (local optimizer state)."),
@@ -48,13 +52,28 @@ def up(
     observe_every: float = typer.Option(0.5, "--observe-every", help="Consensus pulls (s)."),
     timeout: float = typer.Option(900.0, help="Stop the cluster after this many seconds."),
     plot: bool = typer.Option(True, help="Write convergence.png at the end."),
+    sybils: int = typer.Option(0, "--sybils", help="Sybil identities of one attacker."),
+    attack: str = typer.Option("label-flip", "--attack", help="label-flip or backdoor."),
+    attack_edges: int = typer.Option(
+        None, "--attack-edges", help="Honest nodes linked to a Sybil (default: one per Sybil)."
+    ),
     fmt: OutputFormat = FormatOpt,
 ) -> None:
-    """Start a local cluster, watch it converge, tear it down."""
-    from rumor.cluster import build_graph, cluster_configs, free_ports
+    """Start a local cluster, watch it converge, tear it down.
+
+    With ``--sybils K``, K more processes run one attacker's identities (``--attack``),
+    attached to the honest ``--topology`` through ``--attack-edges`` edges.
+    """
+    from rumor.algorithms.attacks import attacked_configs
+    from rumor.cluster import build_graph, free_ports
     from rumor.config import NodeConfig
     from rumor.local_cluster import LocalCluster
 
+    try:
+        partition = check_partition(dataset, partition, nodes + (1 if sybils else 0), seed)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"rumor cluster up: {exc}", err=True)
+        raise typer.Exit(2) from exc
     base = options.apply(
         NodeConfig(linger=timeout),
         options.training_overrides(
@@ -73,8 +92,16 @@ def up(
         ),
     )
     graph = build_graph(topology, nodes, seed)
-    ports = free_ports(nodes, host)
-    configs = cluster_configs(graph, base, address_of=lambda i: f"{host}:{ports[i]}")
+    ports = free_ports(nodes + max(sybils, 0), host)
+    try:
+        # the rule's prepare hook derives cluster-wide constants (DADAO: L, mu from the data)
+        configs = attacked_configs(
+            graph, base, lambda i: f"{host}:{ports[i]}", sybils, attack, attack_edges, seed
+        )
+    except ValueError as exc:
+        what = "--sybils/--attack" if sybils else f"--algorithm {algorithm}"
+        typer.echo(f"rumor cluster up: {what}: {exc}", err=True)
+        raise typer.Exit(2) from exc
     run_dir = run_dir or Path("runs") / time.strftime("%Y-%m-%dT%H-%M-%S")
     cluster = LocalCluster(configs, run_dir)
     initial_cd = _initial_consensus(configs)
@@ -97,6 +124,36 @@ def up(
             f"mean accuracy {_f(report['mean_accuracy'])}, consensus distance "
             f"{_f(report['consensus_distance'])} -> run folder {run_dir}"
         )
+    if codes and all(code != 0 for code in codes.values()):
+        # nothing ran: a crash at start-up in every node (their logs say why)
+        typer.echo(
+            f"rumor cluster up: every node failed (exit codes {set(codes.values())}); see "
+            f"{run_dir}/node-*.log",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+def check_partition(dataset: str, partition: str | None, nodes: int, seed: int) -> str:
+    """The partition spec to run with: ``partition`` once it is known to split ``dataset``
+    over ``nodes`` nodes, or the default that fits the dataset when it is None.
+
+    Label skew (``dirichlet``, ``shards``) needs class labels, so a regression dataset (the
+    least-squares problems of ``dadao`` and ``diging``) defaults to ``iid``. Raises
+    ValueError with what to pass instead, before any process starts.
+    """
+    from rumor.node.data import get_dataset
+    from rumor.node.data import partition as split
+
+    data = get_dataset(dataset, seed=seed)
+    labelled = data.num_classes is not None
+    spec = partition or ("dirichlet:0.5" if labelled else "iid")
+    try:
+        split(spec, data.y_train, nodes, seed=seed)
+    except ValueError as exc:
+        hint = "" if labelled else f" ({dataset!r} has no class labels: use --partition iid)"
+        raise ValueError(f"{exc}{hint}") from None
+    return spec
 
 
 def _initial_consensus(configs: list[Any]) -> float:

@@ -57,3 +57,39 @@ def apply(cfg: NodeConfig, overrides: dict[str, Any]) -> NodeConfig:
     if "params" in overrides:
         overrides = {**overrides, "params": {**cfg.params, **overrides["params"]}}
     return cfg.replace(**overrides)
+
+
+TlsDirOpt = typer.Option(
+    None,
+    "--tls-dir",
+    help="Query an mTLS cluster: a `rumor keys node` folder (node.crt, node.key, ca.crt) "
+    "whose certificate the nodes accept.",
+)
+TokenFileOpt = typer.Option(None, "--token-file", help="File holding the cluster token.")
+
+
+def client_security(tls_dir: Any, token_file: Any, name: str) -> Any:
+    """Security settings for a command-line client (status, watch) of a live cluster.
+
+    A client only dials: plain text is the servers' decision (they refuse it when they run
+    mutual TLS), so no ``insecure`` opt-in is asked of the client.
+    """
+    from rumor.protocol.security import Security, SecurityError
+
+    files = {}
+    if tls_dir is not None:
+        files = {
+            k: str(tls_dir / f)
+            for k, f in (("tls_cert", "node.crt"), ("tls_key", "node.key"), ("tls_ca", "ca.crt"))
+        }
+    try:
+        return Security.from_settings(
+            name,
+            listen="127.0.0.1:0",
+            insecure=not files,
+            token_file=str(token_file) if token_file is not None else None,
+            **files,
+        )
+    except (SecurityError, OSError) as exc:
+        typer.echo(f"rumor {name}: {exc}", err=True)
+        raise typer.Exit(2) from None

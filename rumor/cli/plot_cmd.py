@@ -46,6 +46,13 @@ def plot(
         bool, typer.Option("--per-node/--no-per-node", help="Draw each node's curve too.")
     ] = True,
     fmt: Annotated[str, typer.Option("--format", help="Output: text or json.")] = "text",
+    side_by_side: Annotated[
+        bool,
+        typer.Option(
+            "--side-by-side/--overlay",
+            help="Several runs: one column each, or overlaid in shared panels (default).",
+        ),
+    ] = False,
 ) -> None:
     """Plot convergence of one or more runs (several runs are compared side by side)."""
     from rumor.runlog import X_AXES, RunLoadError, load_run
@@ -90,7 +97,9 @@ def plot(
         if out is not None
         else (first if first.is_dir() else first.parent) / ("convergence.png")
     )
-    written = plot_runs(runs, target, metrics=panels, x=x, per_node=per_node)
+    written = plot_runs(
+        runs, target, metrics=panels, x=x, per_node=per_node, side_by_side=side_by_side
+    )
 
     summaries = [_summary(run) for run in runs]
     if fmt == "json":

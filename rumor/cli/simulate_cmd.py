@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from typing import Any
 
 import typer
 
@@ -35,12 +36,23 @@ def simulate(
     latency: float = typer.Option(0.0005, help="Modelled one-way latency (s)."),
     bandwidth: float = typer.Option(1e9, help="Modelled link bandwidth (bytes/s)."),
     wire: bool = typer.Option(False, help="Send every message through the real codec."),
+    sybils: int = typer.Option(0, "--sybils", help="Sybil identities of one attacker."),
+    attack: str = typer.Option("label-flip", "--attack", help="label-flip or backdoor."),
+    attack_edges: int = typer.Option(
+        None, "--attack-edges", help="Honest nodes linked to a Sybil (default: one per Sybil)."
+    ),
     fmt: OutputFormat = FormatOpt,
 ) -> None:
-    """Simulate a cluster; the same seed gives the same result, bit for bit."""
+    """Simulate a cluster; the same seed gives the same result, bit for bit.
+
+    With ``--sybils K`` the topology is the honest graph and K attacker identities join it
+    through ``--attack-edges`` edges; the report adds the honest nodes' accuracy and the
+    attack's success rate.
+    """
     import torch
 
-    from rumor.cluster import build_graph, cluster_configs, node_name
+    from rumor.algorithms.attacks import attacked_configs, honest_report
+    from rumor.cluster import build_graph, node_name
     from rumor.config import NodeConfig
     from rumor.node.simulation import simulate as run_simulation
 
@@ -63,10 +75,24 @@ def simulate(
         ),
     )
     graph = build_graph(topology, nodes, seed)
-    configs = cluster_configs(graph, base, address_of=node_name)
+    try:
+        configs = attacked_configs(graph, base, node_name, sybils, attack, attack_edges, seed)
+    except ValueError as exc:
+        typer.echo(f"rumor simulate: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    by_id: dict[str, Any] = {}
+
+    async def capture(network: Any, nodes_by_id: dict[str, Any]) -> None:
+        by_id.update(nodes_by_id)
+
     started = time.perf_counter()
     result = run_simulation(
-        configs, latency_s=latency, bandwidth_bps=bandwidth, step_cost_s=step_cost, wire=wire
+        configs,
+        latency_s=latency,
+        bandwidth_bps=bandwidth,
+        step_cost_s=step_cost,
+        wire=wire,
+        scenario=capture,
     )
     wall = time.perf_counter() - started
     digest = hashlib.sha256(json.dumps(result.digests, sort_keys=True).encode()).hexdigest()
@@ -81,6 +107,8 @@ def simulate(
         "wall_time_s": wall,
         "cluster_digest": digest,
     }
+    if sybils:
+        report.update(sybils=sybils, attack=attack, **honest_report(by_id, configs, attack))
     if fmt == OutputFormat.json:
         typer.echo(json.dumps(report, indent=2))
         return

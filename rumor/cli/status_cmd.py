@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from rumor.cli.options import FormatOpt, OutputFormat
+from rumor.cli.options import FormatOpt, OutputFormat, TlsDirOpt, TokenFileOpt, client_security
 
 
 def register(app: typer.Typer) -> None:
@@ -21,6 +21,8 @@ def status(
     address: list[str] = typer.Argument(None, help="host:port of nodes to ask."),
     run_dir: Path = typer.Option(None, "--run-dir", help="A `rumor cluster up` run folder."),
     timeout: float = typer.Option(2.0, help="Seconds to wait for each node."),
+    tls_dir: Path = TlsDirOpt,
+    token_file: Path = TokenFileOpt,
     fmt: OutputFormat = FormatOpt,
 ) -> None:
     """Query nodes' Status RPC; unreachable nodes are listed as such."""
@@ -30,21 +32,22 @@ def status(
     if not targets:
         typer.echo("rumor status: give node addresses or --run-dir", err=True)
         raise typer.Exit(2)
-    rows = asyncio.run(query(targets, timeout))
+    security = client_security(tls_dir, token_file, "status")
+    rows = asyncio.run(query(targets, timeout, security))
     if fmt == OutputFormat.json:
         typer.echo(json.dumps(rows, indent=2))
         return
     _print_table(rows)
 
 
-async def query(addresses: list[str], timeout: float) -> list[dict[str, Any]]:
+async def query(addresses: list[str], timeout: float, security: Any = None) -> list[dict[str, Any]]:
     """One dict per address: the node's status, or ``{"address", "error"}``."""
     from google.protobuf.json_format import MessageToDict
 
     from rumor.protocol.errors import PeerUnavailable, Rejected
     from rumor.protocol.grpc_transport import GrpcTransport
 
-    client = GrpcTransport(node_id="status")
+    client = GrpcTransport(node_id="status", security=security)
 
     async def one(addr: str) -> dict[str, Any]:
         try:

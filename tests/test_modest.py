@@ -375,6 +375,80 @@ def test_grpc_80_percent_sigkilled_the_rest_go_on_and_a_late_joiner_is_sampled(
     assert "JOIN from late-0 held until the next send" in log
 
 
+#: Target of the churn claim (the simulated churn table and the 16-process comparison).
+CHURN_TARGET = 0.85
+
+
+@pytest.mark.slow
+def test_grpc_8_of_10_sigkilled_before_the_target_the_2_survivors_still_reach_it(
+    tmp_path: Path,
+) -> None:
+    """10 processes on digits; after at least 5 aggregated rounds, below the target, 8 (80%) are
+    SIGKILLed at once. The survivors' own metrics must show rounds going on and their mean
+    test accuracy reaching 0.85: each survivor's latest aggregated model (the one it sent to
+    the next sample), averaged over both, with each having aggregated after the kills."""
+    configs = _grpc_configs(10, "modest", GRPC, seed=3)
+    ids = [c.node_id for c in configs]
+    survivors, victims = ids[:2], ids[2:]
+    cluster = LocalCluster(configs, tmp_path)
+    started = time.monotonic()
+    with cluster:
+        cluster.start()
+
+        def aggregations(nodes: list[str]) -> list[dict[str, Any]]:
+            rows = [r for n in nodes for r in _roles(cluster, n) if r["role"] == "aggregator"]
+            return sorted(rows, key=lambda r: r["t"])
+
+        def last_round(nodes: list[str]) -> int:
+            return max((r["round"] for r in aggregations(nodes)), default=-1)
+
+        _wait_for(lambda: last_round(ids) >= 5, 120, "five MoDeST rounds on 10 processes")
+        for nid in victims:  # 80% of the nodes, at once
+            cluster.signal_node(nid, signal.SIGKILL)
+        killed_t = time.time()
+        killed_at = time.monotonic()
+        before = aggregations(ids)
+        best_before = max(r["accuracy"] for r in before)
+        assert best_before < CHURN_TARGET, f"target reached before the kills: {best_before}"
+
+        def survivors_mean() -> float | None:
+            latest = []
+            for nid in survivors:
+                after = [r for r in aggregations([nid]) if r["t"] > killed_t]
+                if not after:
+                    return None
+                latest.append(after[-1]["accuracy"])
+            return sum(latest) / len(latest)
+
+        _wait_for(
+            lambda: (survivors_mean() or 0.0) >= CHURN_TARGET,
+            300,
+            f"survivors' mean accuracy {CHURN_TARGET} after the SIGKILLs",
+        )
+        reached_s = time.monotonic() - killed_at
+        mean_acc = survivors_mean()
+        after = [r for r in aggregations(survivors) if r["t"] > killed_t]
+        per_survivor = {n: sum(r["t"] > killed_t for r in aggregations([n])) for n in survivors}
+        codes = cluster.stop()
+    summary = {
+        "killed_after_round": before[-1]["round"],
+        "best_accuracy_before": best_before,
+        "rounds_after": len({r["round"] for r in after}),
+        "last_round": after[-1]["round"],
+        "survivors_mean_accuracy": mean_acc,
+        "seconds_after_kill": round(reached_s, 1),
+        "total_seconds": round(time.monotonic() - started, 1),
+        "aggregations_per_survivor": per_survivor,
+        "codes": codes,
+    }
+    print(json.dumps(summary, indent=2))
+    assert all(codes[s] == 0 for s in survivors), codes
+    assert all(codes[v] == -signal.SIGKILL for v in victims), codes
+    # training went on: many rounds after the kills, trained only by the survivors
+    assert summary["rounds_after"] >= 10, summary
+    assert all(r["models"] <= len(survivors) for r in after[-5:]), after[-5:]
+
+
 @pytest.mark.slow
 def test_grpc_16_processes_modest_needs_fewer_bytes_to_the_target_than_dpsgd(
     tmp_path: Path,

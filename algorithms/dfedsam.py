@@ -49,10 +49,10 @@ from typing import Any
 
 import torch
 
-from rumor.algorithms.averaging import check_compatible, mixable
+from rumor.algorithms.averaging import mixable
 from rumor.algorithms.base import Context, MixingRule
 from rumor.algorithms.inbox import RoundInbox
-from rumor.algorithms.rounds import ModelMixer, catch_up, exchange
+from rumor.algorithms.rounds import ModelMixer, catch_up, check_model_message, exchange
 from rumor.protocol.bundle import Bundle, Message
 from rumor.protocol.errors import Code, Rejected
 
@@ -245,11 +245,7 @@ class DFedSAM(MixingRule):
 
     # --- messages ------------------------------------------------------------------------
     async def on_message(self, ctx: Context, msg: Message) -> Message | None:
-        if msg.kind != MODEL_KIND:
-            raise Rejected(Code.INVALID_ARGUMENT, f"{self.name} does not handle {msg.kind!r}")
-        if msg.bundle is None:
-            raise Rejected(Code.INVALID_ARGUMENT, f"{MODEL_KIND} without a model")
-        check_compatible(msg.bundle, mixable(ctx.model.state_dict()))
+        check_model_message(ctx, msg, self.name, MODEL_KIND)
         meta = msg.bundle.meta
         degree = _int(meta.get("degree"))
         if degree is None or degree < 1:

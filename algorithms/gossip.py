@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from rumor.algorithms.averaging import check_compatible, mixable
+from rumor.algorithms.averaging import mixable
 from rumor.algorithms.base import Context, MixingRule
 from rumor.algorithms.inbox import RoundInbox
-from rumor.algorithms.rounds import ModelMixer, catch_up, exchange
+from rumor.algorithms.rounds import ModelMixer, catch_up, check_model_message, exchange
 from rumor.protocol.bundle import Bundle, Message
 from rumor.protocol.errors import Code, Rejected
 
@@ -98,11 +98,7 @@ class DPSGD(MixingRule):
         return await self._mixer.mix_(ctx, state, received)
 
     async def on_message(self, ctx: Context, msg: Message) -> Message | None:
-        if msg.kind != MODEL_KIND:
-            raise Rejected(Code.INVALID_ARGUMENT, f"dpsgd does not handle {msg.kind!r}")
-        if msg.bundle is None:
-            raise Rejected(Code.INVALID_ARGUMENT, "gossip.model without a model")
-        check_compatible(msg.bundle, mixable(ctx.model.state_dict()))
+        check_model_message(ctx, msg, self.name, MODEL_KIND)
         degree = msg.bundle.meta.get("degree")
         if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
             raise Rejected(Code.INVALID_ARGUMENT, f"gossip.model: bad degree {degree!r}")

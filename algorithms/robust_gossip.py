@@ -30,12 +30,11 @@ from typing import Any, ClassVar
 import torch
 
 from rumor.algorithms import robust
-from rumor.algorithms.averaging import check_compatible, mixable, snapshot
+from rumor.algorithms.averaging import mixable, snapshot
 from rumor.algorithms.base import Context, MixingRule
 from rumor.algorithms.inbox import RoundInbox
-from rumor.algorithms.rounds import exchange, flatten, unflatten_
+from rumor.algorithms.rounds import check_model_message, exchange, flatten, unflatten_
 from rumor.protocol.bundle import Bundle, Message
-from rumor.protocol.errors import Code, Rejected
 
 MODEL_KIND = "robust.model"
 
@@ -107,11 +106,7 @@ class RobustGossip(MixingRule):
         """Hook: the models of a round, before aggregation."""
 
     async def on_message(self, ctx: Context, msg: Message) -> Message | None:
-        if msg.kind != MODEL_KIND:
-            raise Rejected(Code.INVALID_ARGUMENT, f"{self.name} does not handle {msg.kind!r}")
-        if msg.bundle is None:
-            raise Rejected(Code.INVALID_ARGUMENT, f"{MODEL_KIND} without a model")
-        check_compatible(msg.bundle, mixable(ctx.model.state_dict()))
+        check_model_message(ctx, msg, self.name, MODEL_KIND)
         self._inbox.put(msg)
         return None
 

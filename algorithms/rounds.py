@@ -14,20 +14,36 @@ from collections.abc import Mapping
 
 import torch
 
-from rumor.algorithms.averaging import gossip_step_, weighted_average_
+from rumor.algorithms.averaging import check_compatible, gossip_step_, mixable, weighted_average_
 from rumor.algorithms.base import Context
 from rumor.algorithms.inbox import RoundInbox
-from rumor.protocol.bundle import Message
+from rumor.protocol.bundle import Bundle, Message
+from rumor.protocol.errors import Code, Rejected
 from rumor.topology import metropolis_weights
 
 __all__ = [
     "ModelMixer",
     "catch_up",
+    "check_model_message",
     "exchange",
     "flatten",
     "metropolis_row",
     "unflatten_",
 ]
+
+
+def check_model_message(ctx: Context, msg: Message, rule: str, kind: str) -> Bundle:
+    """The bundle of ``msg`` if it is a ``kind`` model this node can mix; else Rejected.
+
+    Same names, dtypes and shapes as this node's model: what every round-based rule checks
+    before a model enters its inbox (rule-specific metadata is checked by the caller).
+    """
+    if msg.kind != kind:
+        raise Rejected(Code.INVALID_ARGUMENT, f"{rule} does not handle {msg.kind!r}")
+    if msg.bundle is None:
+        raise Rejected(Code.INVALID_ARGUMENT, f"{kind} without a model")
+    check_compatible(msg.bundle, mixable(ctx.model.state_dict()))
+    return msg.bundle
 
 
 @torch.no_grad()

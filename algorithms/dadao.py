@@ -30,7 +30,12 @@ What follows the authors' released code, and what this runtime adds (see
   Laplacian, uniform edge rates and L, mu as the max and min over the nodes' local problems;
 * one Poisson clock per edge, owned by the node listed first in ``prepare``'s ordering, with
   rate ``lambda_ij / tau``; a gradient clock of rate ``1 / tau`` per node; ``tau`` seconds
-  per time unit;
+  per time unit. The edge clock keeps its absolute schedule through slow round trips (a
+  tick due during an exchange fires when it ends), so the realized communication rate is
+  lambda_mix whenever the links keep up; a schedule restarted from each late exchange
+  thins the process below lambda_mix when round trips are a sizable fraction of
+  ``tau / lambda_ij``, and DADAO, whose beta~ is tuned for that rate, diverges. When round
+  trips grow anyway, ``tau`` grows with them (``max_load``; see the class docstring);
 * an exactly-once exchange: the initiator keeps the exchange (id, m_i) in a ledger until it
   has applied the reply; the responder applies on first receipt and keeps (id -> m_j) until
   the initiator acknowledges, so a retry with the same id is answered from the cache;
@@ -320,8 +325,8 @@ class DADAO(MixingRule):
         (:func:`rumor.algorithms.edge_rates.optimize_weights`). Default ``"uniform"``.
     tau:
         Seconds per time unit: the gradient clock ticks at ``1 / tau`` per second, edge
-        (i, j) at ``lambda_ij / tau``. Keep it well above the round-trip time and the time a
-        gradient takes (x10). Default 0.05.
+        (i, j) at ``lambda_ij / tau``. The starting value: it grows when round trips are
+        slow (``max_load``). Default 0.05.
     y_jump:
         ``"code"`` (default, the authors' code: ``y~ += (delta + delta~) r``) or
         ``"split"`` (``y += delta r``, ``y~ += delta~ r``).
@@ -335,6 +340,16 @@ class DADAO(MixingRule):
     retries:
         Immediate retries (same exchange id) after a failed attempt; the exchange then
         stays in the ledger and is retried at the edge's next tick. Default 1.
+    backlog:
+        Mean edge intervals an edge may fall behind its schedule (ticks wait for the
+        running exchange, then fire at once) before ticks are dropped. Default 20.
+    max_load:
+        Upper bound on an edge's load, round trip x edge rate / tau (the fraction of the
+        time the edge is busy exchanging). When the moving average of a node's round trips
+        exceeds it, the node raises tau to 1.25 x the round trip x its fastest edge rate /
+        max_load, and every exchange carries tau so the cluster converges to the largest
+        (a change of time unit: the algorithm in time units is unchanged). 0 keeps tau
+        fixed. Default 0.25.
 
     Example
     -------
@@ -361,9 +376,13 @@ class DADAO(MixingRule):
         round_time: float = 1.0,
         exchange_timeout: float = 1.0,
         retries: int = 1,
+        backlog: float = 20.0,
+        max_load: float = 0.25,
     ) -> None:
-        if tau <= 0 or round_time <= 0 or exchange_timeout <= 0:
-            raise ValueError("tau, round_time and exchange_timeout must be > 0")
+        if tau <= 0 or round_time <= 0 or exchange_timeout <= 0 or backlog <= 0:
+            raise ValueError("tau, round_time, exchange_timeout and backlog must be > 0")
+        if not (0 <= max_load < 1):
+            raise ValueError(f"max_load must be in [0, 1), got {max_load}")
         if y_jump not in ("code", "split"):
             raise ValueError(f"y_jump must be 'code' or 'split', got {y_jump!r}")
         if batch not in ("full", "minibatch"):
@@ -393,6 +412,12 @@ class DADAO(MixingRule):
         self.round_time = float(round_time)
         self.exchange_timeout = float(exchange_timeout)
         self.retries = int(retries)
+        self.backlog = float(backlog)
+        self.max_load = float(max_load)
+        #: The configured tau: the floor of the adaptive tau, and what bounds a peer's.
+        self.tau_min = self.tau
+        self._rate_max = 0.0
+        self._rtt_samples = 0
         #: Called after every change of the state by an event, with the event's kind:
         #: "gradient", "initiator" or "responder" (a test or monitoring hook).
         self.on_event: Callable[[str], None] | None = None
@@ -404,6 +429,10 @@ class DADAO(MixingRule):
         #: the responder's cache (their first reply was lost).
         self.attempts = 0
         self.repeated = 0
+        #: Edge ticks dropped because an edge fell more than ``backlog`` intervals behind,
+        #: and the moving average of the exchange round trip (seconds, initiator side).
+        self.dropped = 0
+        self.rtt = 0.0
         self.node_id = ""
         self._c: Constants | None = None
         if None not in (self.L, self.mu, self.chi_1):
@@ -520,6 +549,21 @@ class DADAO(MixingRule):
             coeffs = self._flow(age) @ coeffs
         self._S.add_(torch.outer(coeffs, vector))
 
+    def _adopt_tau(self, ctx: Context, peer_tau: float | None) -> None:
+        """Take a neighbour's larger tau (the cluster settles on its largest), up to 100 x
+        the configured one so that no peer can stall the run."""
+        if peer_tau is not None and peer_tau > self.tau:
+            self._set_tau(ctx, min(peer_tau, 100.0 * self.tau_min), "a neighbour's")
+
+    def _set_tau(self, ctx: Context, tau: float, why: str) -> None:
+        """Change the time unit at this instant: the state is integrated to now under the
+        old unit first, so the trajectory in time units is continuous."""
+        if not (math.isfinite(tau) and tau > self.tau):
+            return
+        self._integrate(ctx.clock.now())
+        ctx.log("tau %.4g -> %.4g s (%s)", self.tau, tau, why, level=logging.INFO)
+        self.tau = tau
+
     def _bind(self, ctx: Context) -> None:
         """Attach to a node: constants, clock, and the state (x from the model) if new."""
         c = self.constants
@@ -571,6 +615,7 @@ class DADAO(MixingRule):
                 for p, b in self._served.items()
             },
             "counters": [self.gradients, self.exchanges, self.served],
+            "tau": self.tau,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -601,6 +646,7 @@ class DADAO(MixingRule):
                 book.entries[int(s)] = (e["m"].clone(), e["d"].clone(), now - float(e["age"]))
             self._served[str(p)] = book
         self.gradients, self.exchanges, self.served = (int(v) for v in state["counters"])
+        self.tau = max(self.tau, float(state.get("tau", self.tau)))
 
     # ------------------------------------------------------------------ control loop
     def finish(self) -> None:
@@ -633,6 +679,7 @@ class DADAO(MixingRule):
     async def run(self, ctx: Context) -> None:
         self._bind(ctx)
         edges = self._owned_edges(ctx)
+        self._rate_max = max(edges.values(), default=0.0)
         seed = ctx.rng.getrandbits(64)
         done = asyncio.Event()
         tasks = [
@@ -658,8 +705,7 @@ class DADAO(MixingRule):
     async def _gradient_loop(self, ctx: Context, rng: random.Random) -> None:
         clock = ctx.clock
         round = getattr(ctx, "round", 0)  # nonzero after a resume from a checkpoint
-        period = self.round_time * self.tau
-        next_round = clock.now() + period
+        next_round = clock.now() + self.round_time * self.tau
         next_grad = clock.now() + rng.expovariate(1.0) * self.tau
         while not self._done(ctx, round):
             await clock.sleep_until(min(next_grad, next_round))
@@ -676,9 +722,12 @@ class DADAO(MixingRule):
                     exchanges_done=self.exchanges,
                     served=self.served,
                     pending=len(self._pending),
+                    dropped=self.dropped,
+                    rtt_ms=1e3 * self.rtt,
+                    tau=self.tau,
                 )
                 round += 1
-                next_round += period
+                next_round += self.round_time * self.tau
                 continue
             await self._gradient_event(ctx)
             next_grad = max(next_grad + rng.expovariate(1.0) * self.tau, clock.now())
@@ -711,8 +760,19 @@ class DADAO(MixingRule):
     async def _edge_loop(
         self, ctx: Context, peer: str, rate: float, rng: random.Random, done: asyncio.Event
     ) -> None:
+        """The Poisson clock of one owned edge, on an absolute schedule.
+
+        An edge runs one exchange at a time, so a tick that falls due during a round trip
+        waits for it and then fires at once: the realized rate stays ``rate`` per time unit
+        as long as the edge keeps up (round trip below ``tau / rate`` on average). Restarting
+        the schedule from a late exchange instead loses the lateness and thins the process,
+        and DADAO diverges when the real communication rate falls below lambda_mix (beta~
+        is tuned for it). Only a backlog of more than ``backlog`` mean intervals is dropped
+        (counted, and logged once): the edge cannot keep up and ``tau`` must be raised.
+        """
         clock = ctx.clock
         next_t = clock.now() + rng.expovariate(rate) * self.tau
+        warned = False
         while not done.is_set():
             # sleep in slices of at most one time unit, so a stop is seen promptly
             while not done.is_set() and clock.now() < next_t:
@@ -721,7 +781,26 @@ class DADAO(MixingRule):
                 return
             if peer in ctx.neighbors():
                 await self.exchange(ctx, peer, attempts=1 + self.retries)
-            next_t = max(next_t + rng.expovariate(rate) * self.tau, clock.now())
+            next_t += rng.expovariate(rate) * self.tau
+            now = clock.now()
+            max_lag = self.backlog / rate * self.tau
+            if now - next_t > max_lag:
+                dropped = 0
+                while now - next_t > max_lag and dropped < 1_000_000:
+                    next_t += rng.expovariate(rate) * self.tau
+                    dropped += 1
+                self.dropped += dropped
+                if not warned:
+                    warned = True
+                    ctx.log(
+                        "edge to %s cannot keep up: %d tick(s) dropped; round trip %.1f ms "
+                        "vs %.1f ms between exchanges; the run may diverge, raise tau",
+                        peer,
+                        dropped,
+                        1e3 * self.rtt,
+                        1e3 * self.tau / rate,
+                        level=logging.WARNING,
+                    )
 
     # ------------------------------------------------------------------ the exchange
     async def exchange(self, ctx: Context, peer: str, attempts: int = 1) -> bool:
@@ -743,7 +822,7 @@ class DADAO(MixingRule):
             t1 = ctx.clock.now()
             msg = ctx.message(
                 EXCHANGE_KIND,
-                bundle=Bundle({"m": pend.m}, {"ack": pend.seq}),
+                bundle=Bundle({"m": pend.m}, {"ack": pend.seq, "tau": self.tau}),
                 exchange_id=exchange_id,
             )
             self.attempts += 1
@@ -761,18 +840,25 @@ class DADAO(MixingRule):
                 continue
             t4 = ctx.clock.now()
             try:
-                m_j, held, age = self._read_reply(reply, exchange_id, pend.m)
+                m_j, held, age, peer_tau = self._read_reply(reply, exchange_id, pend.m)
             except ValueError as exc:
                 ctx.log("exchange %s with %s: bad reply: %s", exchange_id, peer, exc)
                 continue
             # The responder applied its jump `age` before replying, and replied `held` after
             # the request arrived; the one-way delay is estimated as half of what remains.
             one_way = max(0.0, (t4 - t1 - held) / 2.0)
+            self.rtt = t4 - t1 if self.rtt == 0 else 0.9 * self.rtt + 0.1 * (t4 - t1)
+            self._rtt_samples += 1
             back = min(max(0.0, one_way + age), t4)
             self._integrate(t4)
             self._jump(-self._z_jump, pend.m - m_j, back)
             del self._pending[peer]
             self.exchanges += 1
+            self._adopt_tau(ctx, peer_tau)
+            if self.max_load > 0 and self._rtt_samples >= 10:
+                need = self.rtt * self._rate_max / self.max_load
+                if need > self.tau:
+                    self._set_tau(ctx, 1.25 * need, f"round trip {1e3 * self.rtt:.1f} ms")
             if self.on_event is not None:
                 self.on_event("initiator")
             return True
@@ -780,7 +866,7 @@ class DADAO(MixingRule):
 
     def _read_reply(
         self, reply: Message | None, exchange_id: str, mine: torch.Tensor
-    ) -> tuple[torch.Tensor, float, float]:
+    ) -> tuple[torch.Tensor, float, float, float | None]:
         if reply is None or reply.kind != REPLY_KIND or reply.bundle is None:
             raise ValueError("not a dadao reply")
         if reply.exchange_id != exchange_id:
@@ -791,7 +877,9 @@ class DADAO(MixingRule):
         if not bool(torch.isfinite(m).all()):
             raise ValueError("reply 'm' is not finite")
         meta = reply.bundle.meta
-        return m, max(0.0, _number(meta, "held")), max(0.0, _number(meta, "age"))
+        peer_tau = _number(meta, "tau") if "tau" in meta else None
+        held, age = max(0.0, _number(meta, "held")), max(0.0, _number(meta, "age"))
+        return m, held, age, peer_tau
 
     async def on_message(self, ctx: Context, msg: Message) -> Message | None:
         if msg.kind != EXCHANGE_KIND:
@@ -819,6 +907,10 @@ class DADAO(MixingRule):
             raise Rejected(Code.INVALID_ARGUMENT, f"dadao.exchange: {exc}") from None
         if ack > seq:
             raise Rejected(Code.INVALID_ARGUMENT, f"ack {ack} beyond exchange {seq}")
+        try:
+            peer_tau = _number(msg.bundle.meta, "tau") if "tau" in msg.bundle.meta else None
+        except ValueError as exc:
+            raise Rejected(Code.INVALID_ARGUMENT, f"dadao.exchange: {exc}") from None
         book = self._served.get(msg.sender)
         if book is None or book.epoch != epoch:
             if book is not None and book.entries:
@@ -846,7 +938,8 @@ class DADAO(MixingRule):
             if self.on_event is not None:
                 self.on_event("responder")
         now = ctx.clock.now()
-        meta = {"age": now - cached[2], "held": now - t_in}
+        meta = {"age": now - cached[2], "held": now - t_in, "tau": self.tau}
+        self._adopt_tau(ctx, peer_tau)
         return ctx.message(
             REPLY_KIND, bundle=Bundle({"m": cached[0]}, meta), exchange_id=msg.exchange_id
         )
@@ -865,6 +958,8 @@ class DADAO(MixingRule):
             "round_time": self.round_time,
             "exchange_timeout": self.exchange_timeout,
             "retries": self.retries,
+            "backlog": self.backlog,
+            "max_load": self.max_load,
         }
 
 

@@ -270,7 +270,10 @@ def run_dadao(problem: Problem, params: dict[str, Any] | None = None) -> Run:
                     r.finish()
                 return
 
-    configs = problem.configs("dadao", {"tau": setup.tau, **(params or {})}, setup.max_units)
+    # tau pinned (max_load 0): the curve is read in units of setup.tau; at the simulated
+    # latency the adaptive tau would not move anyway (edge load about 0.03)
+    params = {"tau": setup.tau, "max_load": 0, **(params or {})}
+    configs = problem.configs("dadao", params, setup.max_units)
     started = time.perf_counter()
     simulate(configs, latency_s=setup.latency_s, step_cost_s=setup.step_cost_s, scenario=watch)
     out.wall_s = time.perf_counter() - started

@@ -353,3 +353,13 @@ def test_node_loaders(dig: Dataset) -> None:
     assert torch.equal(one_pass(test0)[0], tx)
     with pytest.raises(IndexError):
         node_loaders(dig, parts, 4, batch_size=8)
+
+
+def test_dirichlet_splits_one_item_classes_over_every_node() -> None:
+    """Floor cuts send a one-item class to the last node, always: labels made only of such
+    classes could never give the first node anything. The multinomial draws that follow
+    failed floor draws can."""
+    labels = np.array([4, 3, 2, 1])
+    parts = dirichlet(labels, 2, 10.0, seed=0, max_tries=50)
+    assert_disjoint_cover(parts, 4)
+    assert min(len(p) for p in parts) >= 1

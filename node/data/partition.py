@@ -80,8 +80,13 @@ def dirichlet(
     Small ``alpha`` gives each node few classes; large ``alpha`` tends to IID.
 
     The whole draw is repeated (at most ``max_tries`` times, same seeded stream) until every
-    node holds at least ``min_size`` items; if none succeeds, :class:`ValueError` suggests a
-    larger ``alpha`` or a smaller ``min_size``.
+    node holds at least ``min_size`` items. Cutting at ``floor(cumsum(q) * len)``, as the
+    reference code does, can never give the first node an item of a class smaller than the
+    number of nodes (a one-item class always lands on the last node), so labels made of many
+    tiny classes may fail every draw. Only then, up to ``max_tries`` more draws split each
+    class by a multinomial draw of its size with the same proportions (unbiased, and any node
+    can receive any item); splits the reference rule achieves are unchanged. If none
+    succeeds, :class:`ValueError` suggests a larger ``alpha`` or a smaller ``min_size``.
     """
     y = _class_labels(labels, "dirichlet partition")
     if not alpha > 0:
@@ -91,19 +96,23 @@ def dirichlet(
     _check_nodes(len(y), n_nodes, min_size)
     rng = np.random.default_rng(seed)
     members = [np.flatnonzero(y == c) for c in np.unique(y)]
-    for _ in range(max_tries):
-        parts: list[list[np.ndarray]] = [[] for _ in range(n_nodes)]
-        for idx in members:
-            idx = rng.permutation(idx)
-            q = rng.dirichlet(np.full(n_nodes, float(alpha)))
-            cuts = (np.cumsum(q)[:-1] * len(idx)).astype(np.int64)
-            for node, chunk in enumerate(np.split(idx, cuts)):
-                parts[node].append(chunk)
-        out = [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
-        if min(len(p) for p in out) >= min_size:
-            return out
+    for multinomial in (False, True):
+        for _ in range(max_tries):
+            parts: list[list[np.ndarray]] = [[] for _ in range(n_nodes)]
+            for idx in members:
+                idx = rng.permutation(idx)
+                q = rng.dirichlet(np.full(n_nodes, float(alpha)))
+                if multinomial:
+                    cuts = np.cumsum(rng.multinomial(len(idx), q))[:-1]
+                else:
+                    cuts = (np.cumsum(q)[:-1] * len(idx)).astype(np.int64)
+                for node, chunk in enumerate(np.split(idx, cuts)):
+                    parts[node].append(chunk)
+            out = [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+            if min(len(p) for p in out) >= min_size:
+                return out
     raise ValueError(
-        f"dirichlet(alpha={alpha}) left a node with fewer than {min_size} items in {max_tries} "
+        f"dirichlet(alpha={alpha}) left a node with fewer than {min_size} items in {2 * max_tries} "
         f"draws ({len(y)} items, {n_nodes} nodes); use a larger alpha or a smaller min_size"
     )
 

@@ -22,6 +22,15 @@ CLAIMS: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One method of a claim's table: a label, the rule and its parameters."""
+
+    label: str
+    algorithm: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Claim:
     """A reproduced claim: the statement, the measured table, and whether it held."""

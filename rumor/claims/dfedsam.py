@@ -22,25 +22,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from rumor.claims import Claim
+from rumor.claims import Arm, Claim
 
 TITLE = "DFedSAM-MGS vs DFedSAM vs DFedAvg: consensus distance and accuracy on a ring"
 
 NAME = "dfedsam"
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One method of the table: a label, the rule and its parameters."""
-
-    label: str
-    algorithm: str
-    params: dict[str, Any] = field(default_factory=dict)
 
 
 ARMS: tuple[Arm, ...] = (

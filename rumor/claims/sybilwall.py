@@ -23,21 +23,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from rumor.claims import Claim
+from rumor.claims import Arm, Claim
 
 TITLE = "SybilWall vs averaging and robust baselines under Sybil poisoning (digits)"
 
 NAME = "sybilwall"
-
-
-@dataclass(frozen=True)
-class Arm:
-    label: str
-    algorithm: str
-    params: dict[str, Any] = field(default_factory=dict)
 
 
 ARMS: tuple[Arm, ...] = (

@@ -19,7 +19,7 @@ from rumor.algorithms.base import Context
 from rumor.algorithms.inbox import RoundInbox
 from rumor.protocol.bundle import Bundle, Message
 from rumor.protocol.errors import Code, Rejected
-from rumor.topology import metropolis_weights
+from rumor.topology.mixing import metropolis_weights
 
 __all__ = [
     "ModelMixer",

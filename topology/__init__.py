@@ -17,45 +17,57 @@ Examples
 >>> from rumor.topology import build, metropolis_hastings, spectral_gap
 >>> round(spectral_gap(metropolis_hastings(build("complete:5"))), 10)
 1.0
+
+Names are loaded on first use (PEP 562): ``from rumor.topology import metropolis_weights``
+imports :mod:`~rumor.topology.mixing` alone, without :mod:`networkx`, which every
+``rumor node`` process would otherwise pay for (about 12 MiB and 300 modules).
 """
 
-from rumor.topology.analysis import analyze
-from rumor.topology.builders import (
-    barabasi_albert,
-    complete,
-    erdos_renyi,
-    exponential,
-    grid_2d,
-    hypercube,
-    path,
-    random_geometric,
-    random_regular,
-    ring,
-    star,
-    torus_2d,
-    watts_strogatz,
-)
-from rumor.topology.canonical import canonical, edge_key
-from rumor.topology.io import load, save
-from rumor.topology.mixing import (
-    MIXING_KINDS,
-    max_degree,
-    metropolis_hastings,
-    metropolis_weights,
-    mixing_matrix,
-    uniform,
-)
-from rumor.topology.spec import FAMILIES, build
-from rumor.topology.spectral import (
-    algebraic_connectivity,
-    chi_1,
-    chi_2,
-    dadao_constants,
-    dadao_rates,
-    effective_resistance,
-    sampling_laplacian,
-    spectral_gap,
-)
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rumor.topology.analysis import analyze
+    from rumor.topology.builders import (
+        barabasi_albert,
+        complete,
+        erdos_renyi,
+        exponential,
+        grid_2d,
+        hypercube,
+        path,
+        random_geometric,
+        random_regular,
+        ring,
+        star,
+        torus_2d,
+        watts_strogatz,
+    )
+    from rumor.topology.canonical import canonical, edge_key
+    from rumor.topology.io import load, save
+    from rumor.topology.mixing import (
+        MIXING_KINDS,
+        max_degree,
+        metropolis_hastings,
+        metropolis_weights,
+        mixing_matrix,
+        uniform,
+    )
+    from rumor.topology.spec import FAMILIES, build
+    from rumor.topology.spectral import (
+        algebraic_connectivity,
+        chi_1,
+        chi_2,
+        dadao_constants,
+        dadao_rates,
+        effective_resistance,
+        sampling_laplacian,
+        spectral_gap,
+    )
 
 __all__ = [
     "FAMILIES",
@@ -93,3 +105,95 @@ __all__ = [
     "uniform",
     "watts_strogatz",
 ]
+
+_SUBMODULES = ("analysis", "builders", "canonical", "io", "mixing", "spec", "spectral")
+
+_HOME = {
+    "analyze": "analysis",
+    **dict.fromkeys(
+        (
+            "barabasi_albert",
+            "complete",
+            "erdos_renyi",
+            "exponential",
+            "grid_2d",
+            "hypercube",
+            "path",
+            "random_geometric",
+            "random_regular",
+            "ring",
+            "star",
+            "torus_2d",
+            "watts_strogatz",
+        ),
+        "builders",
+    ),
+    "canonical": "canonical",
+    "edge_key": "canonical",
+    "load": "io",
+    "save": "io",
+    **dict.fromkeys(
+        (
+            "MIXING_KINDS",
+            "max_degree",
+            "metropolis_hastings",
+            "metropolis_weights",
+            "mixing_matrix",
+            "uniform",
+        ),
+        "mixing",
+    ),
+    "FAMILIES": "spec",
+    "build": "spec",
+    **dict.fromkeys(
+        (
+            "algebraic_connectivity",
+            "chi_1",
+            "chi_2",
+            "dadao_constants",
+            "dadao_rates",
+            "effective_resistance",
+            "sampling_laplacian",
+            "spectral_gap",
+        ),
+        "spectral",
+    ),
+}
+"""The submodule each public name lives in."""
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is not None:
+        value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
+
+
+class _Namespace(types.ModuleType):
+    """Keeps a public name bound to its object when a submodule of the same name is imported.
+
+    Importing ``rumor.topology.canonical`` binds the *module* as this package's ``canonical``
+    attribute; the eager package this one replaces bound the function there, so that is kept.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (
+            isinstance(value, types.ModuleType)
+            and _HOME.get(name) == name
+            and value.__name__ == f"{__name__}.{name}"
+            and hasattr(value, name)
+        ):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Namespace

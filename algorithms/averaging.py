@@ -68,22 +68,32 @@ def gossip_step_(
     """``x <- (1 - sum_j w_j) x + sum_j w_j x_j`` in place; returns ||x - a|| before the step.
 
     ``a = sum_j w_j x_j / sum_j w_j`` is the neighbourhood average. Written as
-    ``x += (sum_j w_j) (a - x)``, the step and the distance share one pass over a reusable
-    ``scratch`` buffer (same names and shapes as ``state``), so a round allocates nothing.
+    ``x += (sum_j w_j) (a - x)``, the step and the distance share a reusable ``scratch``
+    buffer (same names and shapes as ``state``), so a round allocates nothing. The buffer
+    holds ``(a - x) / c`` with ``c = w_0 / sum_j w_j`` (``w_0`` the largest weight): the first
+    two inputs are summed straight into it and ``x`` is folded in with one more pass, which
+    reads and writes about 30 % less memory than zeroing the buffer and adding each term.
     """
-    others = list(others)
-    total = sum(w for w, _ in others)
+    ranked = sorted(others, key=lambda item: -item[0])
+    total = sum(w for w, _ in ranked)
     if total <= 0:
         return float("nan")
     names = list(state)
     dst = [state[k] for k in names]
     buf = [scratch[k] for k in names]
-    torch._foreach_zero_(buf)
-    for weight, other in others:
-        torch._foreach_add_(buf, [other[k] for k in names], alpha=weight / total)
-    torch._foreach_sub_(buf, dst)  # a - x
-    distance = math.sqrt(sum(float(n) ** 2 for n in torch._foreach_norm(buf)))
-    torch._foreach_add_(dst, buf, alpha=total)
+    (w0, first), rest = ranked[0], ranked[1:]
+    if rest:  # buf <- x_0 + (w_1 / w_0) x_1: two reads, one write
+        w1, second = rest.pop(0)
+        for k, b in zip(names, buf, strict=True):
+            torch.add(first[k], second[k], alpha=w1 / w0, out=b)
+    else:
+        torch._foreach_copy_(buf, [first[k] for k in names])
+    for weight, other in rest:
+        torch._foreach_add_(buf, [other[k] for k in names], alpha=weight / w0)
+    c = w0 / total  # buf = a / c now; c >= 1 / len(others), so the scaling stays tame
+    torch._foreach_add_(buf, dst, alpha=-1.0 / c)  # (a - x) / c
+    distance = c * math.sqrt(sum(float(n) ** 2 for n in torch._foreach_norm(buf)))
+    torch._foreach_add_(dst, buf, alpha=total * c)  # x + total (a - x)
     return distance
 
 

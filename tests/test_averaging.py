@@ -55,3 +55,28 @@ def test_gossip_preserves_the_network_average_on_a_ring() -> None:
     for k in mean_before:
         torch.testing.assert_close(mean_after[k], mean_before[k], rtol=1e-5, atol=1e-5)
     assert sum(squared_distance(s, mean_after) for s in states) < spread_before
+
+
+def test_gossip_step_matches_its_formula_for_any_number_of_neighbours_and_weights() -> None:
+    """One to five neighbours, unequal weights in any order (the step reorders them)."""
+    g = torch.Generator().manual_seed(7)
+    for k in range(1, 6):
+        x = _state(10 * k)
+        others = [
+            (float(torch.rand(1, generator=g)) * 0.3 + 0.01, _state(10 * k + j + 1))
+            for j in range(k)
+        ]
+        total = sum(w for w, _ in others)
+        self_w = 1.0 - total
+        expected = {n: self_w * x[n] + sum(w * o[n] for w, o in others) for n in x}
+        avg = {n: sum(w * o[n] for w, o in others) / total for n in x}
+        expected_distance = math.sqrt(squared_distance(x, avg))
+        untouched = [{n: t.clone() for n, t in o.items()} for _, o in others]
+        scratch = {n: torch.empty_like(v) for n, v in x.items()}
+        distance = gossip_step_(x, others, scratch)
+        for n in x:
+            torch.testing.assert_close(x[n], expected[n], rtol=1e-5, atol=1e-5)
+        for (_, o), before in zip(others, untouched, strict=True):
+            for n in o:
+                assert torch.equal(o[n], before[n])  # inputs are only read
+        assert math.isclose(distance, expected_distance, rel_tol=1e-5)

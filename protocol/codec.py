@@ -207,20 +207,30 @@ class EncodedBundle:
     def total_bytes(self) -> int:
         return self.header.total_bytes
 
-    def chunk_parts(self, chunk_size: int = CHUNK_SIZE) -> Iterator[list[ByteChunk]]:
+    def chunk_parts(
+        self, chunk_size: int = CHUNK_SIZE, start: int = 0
+    ) -> Iterator[list[ByteChunk]]:
         """The payload as chunks of ``chunk_size`` bytes (the last may be shorter).
 
         Each chunk is a list of zero-copy pieces (tensor bytes and zero padding) whose
         lengths add up to the chunk's length, so a writer can join them with its own prefix
         in a single copy. The lists are fresh; the pieces are views and must not outlive
-        this object's tensors.
+        this object's tensors. ``start`` (a byte offset) skips the payload before it, so
+        chunk ``i`` alone is ``next(chunk_parts(size, start=i * size))``.
         """
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {chunk_size}")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, not {start}")
         parts: list[ByteChunk] = []
         room = chunk_size
+        skip = start
         for piece in self._pieces:
             pos, n = 0, len(piece)
+            if skip >= n:
+                skip -= n
+                continue
+            pos, skip = skip, 0
             while pos < n:
                 take = min(room, n - pos)
                 parts.append(piece if take == n else piece[pos : pos + take])

@@ -14,7 +14,7 @@ means (rules do), and must not accept frames that are not exactly one envelope o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Literal
 
 from google.protobuf import any_pb2
@@ -36,6 +36,7 @@ __all__ = [
     "CHUNK_TAG",
     "ENVELOPE_TAG",
     "MessageAssembler",
+    "SharedFrames",
     "chunk_frame",
     "envelope_frame",
     "message_nbytes_on_wire",
@@ -204,6 +205,105 @@ def _frames(first: bytes, encoded: codec.EncodedBundle | None, chunk_size: int) 
     if encoded is not None:
         for parts in encoded.chunk_parts(chunk_size):
             yield _chunk_frame_parts(parts)
+
+
+class SharedFrames:
+    """The frames of one message, encoded once for several streams that send it at once.
+
+    A node sends the same model to each neighbour in a round. Encoding it once (one digest,
+    one frame copy per chunk) instead of once per stream saves a read and a copy of the
+    model for every neighbour after the first. Each :meth:`reader` yields the whole frame
+    sequence; a chunk frame is built by the first reader that needs it and kept only until
+    every reader that was registered before it was built has taken it, so readers that
+    advance together hold about one frame, and a lagging reader holds at most the frames
+    it has not sent yet. A reader that starts after frames were dropped (a retry) builds
+    those frames again for itself, from the same digest. Not thread-safe: one event loop.
+
+    The message's tensors must not change while any reader is open, as for
+    :func:`message_to_frames`.
+    """
+
+    def __init__(
+        self, msg: Message, *, algorithm: str | None = None, chunk_size: int = CHUNK_SIZE
+    ) -> None:
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, not {chunk_size}")
+        self._encoded = codec.encode(msg.bundle) if msg.bundle is not None else None
+        header = self._encoded.header if self._encoded else None
+        self._first = envelope_frame(message_to_envelope(msg, header, algorithm))
+        self._chunk_size = chunk_size
+        total = self._encoded.total_bytes if self._encoded else 0
+        self.n_chunks = -(-total // chunk_size)
+        self._parts = self._encoded.chunk_parts(chunk_size) if self._encoded else iter(())
+        self._built = 0
+        #: chunk index -> (frame, readers still to take it)
+        self._cache: dict[int, tuple[bytes, set[int]]] = {}
+        #: reader id -> index of the next chunk it will take
+        self._readers: dict[int, int] = {}
+        self._next_reader = 0
+        #: chunk frames built, for tests and benchmarks (n_chunks when fully shared)
+        self.frames_built = 0
+
+    @property
+    def open_readers(self) -> int:
+        return len(self._readers)
+
+    @property
+    def cached_frames(self) -> int:
+        return len(self._cache)
+
+    def reader(self) -> Generator[bytes, None, None]:
+        """All frames of the message, envelope first; close it (or exhaust it) when done.
+
+        The reader registers when it is first advanced (a reader never advanced holds
+        nothing), so readers started in the same event-loop turn share every chunk.
+        """
+        return self._read()
+
+    def _read(self) -> Generator[bytes, None, None]:
+        rid = self._next_reader
+        self._next_reader += 1
+        self._readers[rid] = 0
+        try:
+            yield self._first
+            for index in range(self.n_chunks):
+                cached = self._cache.get(index)
+                if cached is not None:
+                    frame, pending = cached
+                    pending.discard(rid)
+                    if not pending:
+                        del self._cache[index]
+                elif index < self._built:
+                    frame = self._rebuild(index)  # dropped before this late reader came
+                else:
+                    frame = self._build_next(rid, index)
+                self._readers[rid] = index + 1
+                yield frame
+        finally:
+            self._release(rid)
+
+    def _build_next(self, rid: int, index: int) -> bytes:
+        frame = _chunk_frame_parts(next(self._parts))
+        self._built = index + 1
+        self.frames_built += 1
+        pending = {r for r, nxt in self._readers.items() if r != rid and nxt <= index}
+        if pending:
+            self._cache[index] = (frame, pending)
+        return frame
+
+    def _rebuild(self, index: int) -> bytes:
+        assert self._encoded is not None
+        self.frames_built += 1
+        start = index * self._chunk_size
+        return _chunk_frame_parts(next(self._encoded.chunk_parts(self._chunk_size, start=start)))
+
+    def _release(self, rid: int) -> None:
+        self._readers.pop(rid, None)
+        for index in [i for i, (_, pending) in self._cache.items() if rid in pending]:
+            pending = self._cache[index][1]
+            pending.discard(rid)
+            if not pending:
+                del self._cache[index]
 
 
 def message_nbytes_on_wire(msg: Message, chunk_size: int = CHUNK_SIZE) -> int:

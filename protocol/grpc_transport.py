@@ -92,6 +92,8 @@ class GrpcTransport(Transport):
         self._service: NodeService | None = None
         self._health: health_aio.HealthServicer | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
+        #: id(message) -> (message, its shared frames) while requests carrying it run
+        self._sending: dict[int, tuple[Message, framing.SharedFrames]] = {}
         self._bound = ""
 
     @property
@@ -198,6 +200,20 @@ class GrpcTransport(Transport):
             self._channels[peer] = channel
         return channel
 
+    def _outgoing(self, msg: Message) -> framing.SharedFrames:
+        """The shared encoding of ``msg`` while requests carrying it are in flight: a model
+        sent to every neighbour at once is digested and framed once, not once per peer."""
+        entry = self._sending.get(id(msg))
+        if entry is None or entry[0] is not msg:
+            entry = (msg, framing.SharedFrames(msg, chunk_size=self._chunk_size))
+            self._sending[id(msg)] = entry
+        return entry[1]
+
+    def _done_with(self, msg: Message, frames: framing.SharedFrames) -> None:
+        entry = self._sending.get(id(msg))
+        if entry is not None and entry[1] is frames and frames.open_readers == 0:
+            del self._sending[id(msg)]
+
     async def request(self, peer: str, msg: Message, timeout: float) -> Message | None:
         call = self.channel(peer).stream_stream(_EXCHANGE)
 
@@ -205,15 +221,18 @@ class GrpcTransport(Transport):
             assembler = framing.MessageAssembler(
                 max_bytes=self._max_bytes, check_finite=self._check_finite
             )
+            shared = self._outgoing(msg)
+            frames = shared.reader()
             stream = call(timeout=remaining)
             try:
-                await _write_all(
-                    stream, framing.message_to_frames(msg, chunk_size=self._chunk_size)
-                )
+                await _write_all(stream, frames)
                 async for frame in stream:
                     assembler.feed(frame)
             except grpc.aio.AioRpcError as err:
                 raise _error_from_rpc(peer, err) from None
+            finally:
+                frames.close()
+                self._done_with(msg, shared)
             if assembler.wire_bytes == 0:
                 return None  # the call ended OK with no answer frames: acknowledged
             return assembler.finish()

@@ -46,6 +46,18 @@ log = logging.getLogger("rumor.node")
 MODEL_KIND = "rumor.model"
 
 
+#: Compute jobs measured shorter than this (seconds) run on the event loop (NodeContext.compute).
+INLINE_COMPUTE_S = 0.003
+
+
+def _timed(fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, float]:
+    """``fn(*args)`` and its duration; grad mode on, as in a fresh worker thread."""
+    t0 = time.perf_counter()
+    with torch.enable_grad():
+        result = fn(*args)
+    return result, time.perf_counter() - t0
+
+
 class NodeContext:
     """What a mixing rule sees of its node. See :class:`rumor.algorithms.base.Context`."""
 
@@ -65,6 +77,8 @@ class NodeContext:
         self.exchanges = 0
         self.round_ended_at: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: measured duration of each kind of compute job (EWMA, seconds), by function name
+        self._compute_s: dict[str, float] = {}
 
     # --- neighbourhood -------------------------------------------------------------------
     def neighbors(self) -> list[str]:
@@ -142,7 +156,13 @@ class NodeContext:
         return self.max_rounds is not None and round >= self.max_rounds
 
     async def compute(self, fn: Callable[..., T], *args: Any, cost_s: float | None = None) -> T:
-        """CPU work: a worker thread on a real node; inline plus a modelled cost in simulation."""
+        """CPU work: a worker thread on a real node; inline plus a modelled cost in simulation.
+
+        On a real node a job whose kind (its function) has been measured to take less than
+        ``INLINE_COMPUTE_S`` runs on the event loop instead: the hop to the worker thread (a
+        thread wake-up and two GIL hand-offs) costs about as much as such a job, and the
+        messages it would delay wait less than that. Longer jobs keep the loop free.
+        """
         node = self._node
         with node.telemetry.span("compute", fn=getattr(fn, "__name__", "")):
             return await self._compute(fn, *args, cost_s=cost_s)
@@ -155,8 +175,15 @@ class NodeContext:
             if cost > 0:
                 await self.clock.sleep(cost)
             return result
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(node.executor, fn, *args)
+        kind = getattr(fn, "__qualname__", None) or repr(fn)
+        estimate = self._compute_s.get(kind)
+        if estimate is not None and estimate < INLINE_COMPUTE_S:
+            result, seconds = _timed(fn, args)
+        else:
+            loop = asyncio.get_running_loop()
+            result, seconds = await loop.run_in_executor(node.executor, _timed, fn, args)
+        self._compute_s[kind] = seconds if estimate is None else 0.7 * estimate + 0.3 * seconds
+        return result
 
     # --- messages ------------------------------------------------------------------------
     def message(

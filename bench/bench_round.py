@@ -18,6 +18,13 @@ between two processes moving what one node sends per round, 2 neighbours x model
 time is reported as a multiple of it. Targets: at most 10, 75 and 400 ms for 1, 10, 50 MB.
 For scale, one node's SGD step is also timed alone in this process (one torch thread).
 
+Second reference, also measured in the same run before each cluster: the bare grpc.aio ring
+of ``ring_floor.py`` (4 processes moving the same bytes per round with the node's call
+pattern and channel options, and doing nothing else). Its median round is the transport's
+floor; ``(floor CPU + SGD step) x 4 / cores`` is a lower bound on any round of a node that
+uses grpc.aio and trains, since the 4 processes share the machine's cores. ``--no-floor``
+skips it.
+
 ``--phases`` runs the same cluster with an instrumented node entry point (this file with
 ``--worker``) that wraps, without changing them, the parts of a round: the SGD step, the
 wait for neighbours' models, each send, the mix (and inside it the neighbour distance and
@@ -27,8 +34,8 @@ process used per round. The per-round medians show where the time goes. ``--prof
 a cProfile of each node's event-loop thread over the measured rounds.
 
 Run: ``.venv/bin/python bench/bench_round.py [--sizes 1,10,50] [--rounds 0] [--phases]
-[--profile] [--keep] [--out]`` (``--rounds 0`` picks a count per size that keeps each run
-short).
+[--profile] [--no-floor] [--keep] [--out]`` (``--rounds 0`` picks a count per size that keeps
+each run short).
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from common import (
     machine_info,
     print_table,
 )
+from ring_floor import ring_floor
 
 from rumor.cluster import cluster_configs, free_ports
 from rumor.config import NodeConfig
@@ -250,6 +258,7 @@ def measure(
     profile: bool,
     keep: bool,
     res: Results,
+    floor: bool = True,
 ) -> list[dict[str, Any]]:
     rows = []
     root = Path(tempfile.mkdtemp(prefix="rumor-bench-round-"))
@@ -261,12 +270,20 @@ def measure(
             per_round_bytes = 2 * model_bytes
             tcp_times = [tcp.send(per_round_bytes) for _ in range(tcp_reps + 1)][1:]
             sgd = sgd_step_seconds(mb)
+            bare = ring_floor(model_bytes, rounds, "stream") if floor else None
             run_dir = root / f"{mb:g}mb{'-phases' if phases else ''}"
             timeout = 120 + rounds * max(1.0, 0.05 * mb)
             out = run_cluster(mb, rounds, run_dir, phases, timeout, profile, warmup)
             tcp_times += [tcp.send(per_round_bytes) for _ in range(tcp_reps + 1)][1:]
             row = summarize_run(out, mb, rounds, warmup, tcp_times, phases, profile)
             row["sgd_step_alone_ms"] = Summary.of(t * 1e3 for t in sgd)
+            if bare is not None:
+                cores = os.cpu_count() or 1
+                row["bare_ring_ms"] = Summary.of(t * 1e3 for t in bare["round_s"])
+                row["bare_ring_cpu_ms"] = bare["cpu_per_round_s"] * 1e3
+                row["cpu_bound_ms"] = (
+                    N_NODES * (row["bare_ring_cpu_ms"] + row["sgd_step_alone_ms"].median) / cores
+                )
             rows.append(row)
             res.add(**row)
     if not keep:
@@ -274,6 +291,17 @@ def measure(
 
         shutil.rmtree(root, ignore_errors=True)
     return rows
+
+
+def floor_verdict(row: dict[str, Any]) -> str:
+    """Whether the target lies below what grpc.aio alone, or the CPU, allows here."""
+    target = row["target_ms"]
+    below = []
+    if target < row["bare_ring_ms"].median:
+        below.append("bare ring")
+    if target < row["cpu_bound_ms"]:
+        below.append("CPU bound")
+    return "below " + " and ".join(below) if below else "above both"
 
 
 def summarize_run(
@@ -460,6 +488,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="with --phases: cProfile each node's event-loop thread, print the top functions",
     )
     ap.add_argument("--keep", action="store_true", help="keep the run folders (logs, metrics)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the bare grpc.aio ring reference")
     ap.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
     add_out_argument(ap, "round")
     args = ap.parse_args(argv)
@@ -479,6 +508,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         args.profile,
         args.keep,
         res,
+        floor=not args.no_floor,
     )
     table = []
     for r in rows:
@@ -517,6 +547,36 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ],
         table,
     )
+    floors = [r for r in rows if "bare_ring_ms" in r]
+    if floors:
+        print_table(
+            "Floors measured in the same run: the bare grpc.aio ring (ring_floor.py: same "
+            "bytes, same call pattern, no learning) and the CPU bound "
+            f"(bare ring CPU + SGD step alone) x {N_NODES} processes / {os.cpu_count()} cores",
+            [
+                "MB",
+                "rumor round ms",
+                "bare ring ms",
+                "bare ring CPU ms",
+                "CPU bound ms",
+                "rumor - bare ring",
+                "target ms",
+                "target vs bounds",
+            ],
+            [
+                [
+                    f"{r['size_mb']:g}",
+                    f"{r['round_ms'].median:.1f}",
+                    r["bare_ring_ms"].fmt(1),
+                    f"{r['bare_ring_cpu_ms']:.1f}",
+                    f"{r['cpu_bound_ms']:.1f}",
+                    f"{r['round_ms'].median - r['bare_ring_ms'].median:+.1f}",
+                    "-" if r["target_ms"] is None else f"{r['target_ms']:g}",
+                    "-" if r["target_ms"] is None else floor_verdict(r),
+                ]
+                for r in floors
+            ],
+        )
     for r in rows:
         if "phase_ms" not in r:
             continue

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import queue
 import socket
 import statistics
 import sys
@@ -150,8 +151,17 @@ def ring_floor(nbytes: int, rounds: int, pattern: str = "stream") -> dict[str, A
     ]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + 120 + rounds * max(1.0, nbytes / 2e7)
+    results: list[Any] = []
     try:
-        results = [out.get(timeout=120 + rounds * max(1.0, nbytes / 2e7)) for _ in procs]
+        while len(results) < len(procs):
+            try:
+                results.append(out.get(timeout=1.0))
+            except queue.Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    why = f"exit codes {failed}" if failed else "timed out"
+                    raise RuntimeError(f"bare ring failed: {why}") from None
     finally:
         for p in procs:
             p.join(10)

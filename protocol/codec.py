@@ -447,7 +447,7 @@ def _finite(t: torch.Tensor) -> bool:
         return True
     # A finite sum proves every element finite (NaN and Inf propagate; Inf - Inf is NaN);
     # only a non-finite sum, which large finite values can also produce, needs the exact test.
-    if torch.isfinite(t.sum()).item():
+    if math.isfinite(t.sum().item()):
         return True
     return bool(torch.isfinite(t).all().item())
 

@@ -9,8 +9,13 @@ round have arrived. Two call patterns are measured, each a floor for the node's 
 * ``stream``: a bidirectional streaming call that writes a small first frame and the bytes in
   1 MiB frames (each built with one copy from a preallocated buffer, as a node builds its
   chunk frames), half-closes and reads the empty answer (how a node sends large messages);
-* ``unary``: one unary call whose request is the whole message, built with one copy (how a
-  node sends messages up to ``UNARY_MAX_BYTES``). There is no SGD step, no digest, no
+* ``unary``: one unary call whose request is the whole message, built with one copy;
+* ``persist``: one long-lived stream per edge, opened before the first round, on which each
+  round writes the first frame, the 1 MiB frames and an end marker (no call set-up,
+  half-close or answer per message).
+
+Only ``stream`` is what a node does today; the other two show what a different call pattern
+would save. There is no SGD step, no digest, no
 landing copy, no finiteness check, no mixing and no metrics: whatever a node's round costs
 beyond this is the node's own work, and a round-time target below this floor cannot be met
 by any node built on grpc.aio on this machine.
@@ -19,7 +24,7 @@ Reported: median round time over processes x rounds >= 2, and the CPU time per p
 per round (all threads; over the measured rounds only).
 
 Run: ``.venv/bin/python bench/ring_floor.py [--sizes 1,10,50] [--rounds 0]
-[--patterns stream,unary]``.
+[--patterns stream,unary,persist]``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import Any
 N_NODES = 4
 CHUNK = 1 << 20
 WARMUP = 2
+END = b"end"  # closes one message on a persistent stream
 
 
 def default_rounds(mb: float) -> int:
@@ -85,10 +91,23 @@ def _node(index: int, ports: list[int], nbytes: int, rounds: int, pattern: str, 
             note(int(request[:12]))
             return b""
 
+        async def serve_persist(frames: Any, context: Any) -> Any:
+            r = None
+            async for frame in frames:
+                if frame == END:
+                    assert r is not None
+                    note(r)
+                    r = None
+                elif r is None:
+                    r = int(frame[:12])
+            return
+            yield b""
+
         server = channels.make_server()
         handlers = {
             "Exchange": grpc.stream_stream_rpc_method_handler(serve),
             "Deliver": grpc.unary_unary_rpc_method_handler(serve_unary),
+            "Persist": grpc.stream_stream_rpc_method_handler(serve_persist),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("floor", handlers),))
         server.add_insecure_port(f"127.0.0.1:{ports[index]}")
@@ -98,7 +117,16 @@ def _node(index: int, ports: list[int], nbytes: int, rounds: int, pattern: str, 
         payload = memoryview(bytearray(os.urandom(64)) * (nbytes // 64 + 1))[:nbytes]
         header = b"\x12" + bytes(5)  # a chunk frame's prefix, as a node writes it
 
+        persistent: list[Any] = []
+
         async def send(channel: Any, r: int) -> None:
+            if pattern == "persist":
+                call = persistent[chans.index(channel)]
+                await call.write(b"%012d" % r + bytes(100))
+                for off in range(0, nbytes, CHUNK):
+                    await call.write(b"".join((header, payload[off : off + CHUNK])))
+                await call.write(END)
+                return
             if pattern == "unary":
                 first = b"%012d" % r + bytes(100)
                 await channel.unary_unary("/floor/Deliver")(
@@ -114,6 +142,8 @@ def _node(index: int, ports: list[int], nbytes: int, rounds: int, pattern: str, 
                 pass
 
         await asyncio.sleep(1.0)  # every server is up
+        if pattern == "persist":
+            persistent.extend(ch.stream_stream("/floor/Persist")(timeout=3600) for ch in chans)
         times: list[float] = []
         cpu0 = 0.0
         for r in range(rounds):
@@ -130,6 +160,8 @@ def _node(index: int, ports: list[int], nbytes: int, rounds: int, pattern: str, 
         cpu = (time.process_time() - cpu0) / max(rounds - WARMUP, 1)
         out.put((index, times[WARMUP:], cpu))
         await asyncio.sleep(0.5)  # neighbours finish their last sends
+        for call in persistent:
+            await call.done_writing()
         for ch in chans:
             await ch.close()
         await server.stop(0.5)
@@ -140,7 +172,7 @@ def _node(index: int, ports: list[int], nbytes: int, rounds: int, pattern: str, 
 def ring_floor(nbytes: int, rounds: int, pattern: str = "stream") -> dict[str, Any]:
     """Round times (s) and CPU per process-round (s) of the bare ring moving ``nbytes``
     per message with call ``pattern`` (``stream`` or ``unary``)."""
-    if pattern not in ("stream", "unary"):
+    if pattern not in ("stream", "unary", "persist"):
         raise ValueError(f"unknown pattern {pattern!r}")
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -178,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,10,50", help="bytes per message, MB (10^6 bytes)")
     ap.add_argument("--rounds", type=int, default=0, help="rounds per run (0: by size)")
-    ap.add_argument("--patterns", default="stream,unary", help="call patterns to measure")
+    ap.add_argument("--patterns", default="stream,unary,persist", help="call patterns to measure")
     args = ap.parse_args(argv)
     for mb in (float(x) for x in args.sizes.split(",")):
         for pattern in args.patterns.split(","):
@@ -186,6 +218,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(mb: float, rounds: int, pattern: str) -> None:
+    from rumor.protocol.constants import GRPC_MAX_MESSAGE_BYTES
+
+    if pattern == "unary" and mb * 1e6 > GRPC_MAX_MESSAGE_BYTES - 1024:
+        print(f"{mb:g} MB, unary: above the node's gRPC message limit, not measured")
+        return
     res = ring_floor(int(mb * 1e6), rounds, pattern)
     ms = sorted(t * 1e3 for t in res["round_s"])
     cpu_ms = res["cpu_per_round_s"] * 1e3

@@ -159,3 +159,42 @@ def test_unreachable_address_fails_fast_after_bounded_retries() -> None:
         return time.perf_counter() - started
 
     assert run(go()) < 5.0
+
+
+def test_compute_runs_short_jobs_inline_and_long_ones_on_the_worker_thread() -> None:
+    """A job kind is first run on the worker thread and timed; kinds measured under
+    INLINE_COMPUTE_S then run on the event loop (grad mode on, as on a fresh thread)."""
+    import threading
+
+    import torch
+
+    from rumor.api import make_node
+    from rumor.config import NodeConfig
+    from rumor.node import runtime
+    from rumor.protocol.inproc import InProcNetwork, InProcTransport
+
+    def short() -> tuple[str, bool]:
+        return threading.current_thread().name, torch.is_grad_enabled()
+
+    def long() -> str:
+        time.sleep(3 * runtime.INLINE_COMPUTE_S)
+        return threading.current_thread().name
+
+    async def main() -> tuple[list[tuple[str, bool]], list[str], str]:
+        cfg = NodeConfig(node_id="n0", dataset="digits", model="mlp:8", n_nodes=1)
+        node = make_node(cfg, InProcTransport(InProcNetwork(), "n0"))
+        ctx = node.ctx
+        try:
+            with torch.no_grad():  # the loop thread's grad mode must not leak into a job
+                shorts = [await ctx.compute(short) for _ in range(3)]
+            longs = [await ctx.compute(long) for _ in range(3)]
+        finally:
+            assert node.executor is not None
+            node.executor.shutdown(wait=True)
+        return shorts, longs, threading.current_thread().name
+
+    shorts, longs, loop_thread = run(main())
+    assert shorts[0][0].startswith("train-n0")  # unknown cost: the worker thread
+    assert [name for name, _ in shorts[1:]] == [loop_thread, loop_thread]
+    assert all(grad for _, grad in shorts)
+    assert all(name.startswith("train-n0") for name in longs)

@@ -14,8 +14,10 @@ The figure of merit is gRPC MB/s as a percentage of TCP MB/s (target: at least 3
 100 MB). MB = 10^6 bytes. The ``CPU ms/MB`` column is the CPU time of both processes (all
 threads, from the scheduler's counters) per MB moved: on a machine whose cores are all busy,
 as in a local cluster, it is what limits throughput. Both processes use one torch thread,
-like a node (``torch_threads = 1``); ``--torch-threads 2`` shows what the receiver's
-finiteness check costs when its reductions must wait for a second, busy core.
+like a node (``torch_threads = 1``), and both apply a node's allocator tuning
+(:mod:`rumor.node.allocator`; ``RUMOR_MALLOC_TUNING=0`` leaves it off). ``--torch-threads 2``
+shows what the receiver's finiteness check costs when its reductions must wait for a
+second, busy core.
 
 ``--breakdown`` adds rows that show where the time goes, each interleaved in the same reps:
 
@@ -76,6 +78,9 @@ def _serve(pipe: Any, chunk_size: int, torch_threads: int) -> None:
     import torch
     import uvloop
 
+    from rumor.node.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as every node process does at start (RUMOR_MALLOC_TUNING=0: off)
     torch.set_num_threads(torch_threads)
     uvloop.run(_serve_async(pipe, chunk_size))
 
@@ -222,6 +227,9 @@ async def measure(
     rows: list[dict[str, Any]] = []
     import torch
 
+    from rumor.node.allocator import keep_freed_memory
+
+    keep_freed_memory()
     torch.set_num_threads(torch_threads)
     ex = Exchange(chunks, torch_threads)
     ex.start_server()

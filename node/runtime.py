@@ -50,6 +50,19 @@ MODEL_KIND = "rumor.model"
 INLINE_COMPUTE_S = 0.003
 
 
+def _job_kind(fn: Callable[..., Any]) -> object:
+    """What identifies a kind of compute job: the code it runs. Bound methods of one function
+    share a kind; lambdas (and partials of functions) defined in different places do not."""
+    target = getattr(fn, "func", fn)  # functools.partial
+    target = getattr(target, "__func__", target)  # bound method
+    kind = getattr(target, "__code__", target)
+    try:
+        hash(kind)
+    except TypeError:
+        return repr(type(kind))
+    return kind
+
+
 def _timed(fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, float]:
     """``fn(*args)`` and its duration; grad mode on, as in a fresh worker thread."""
     t0 = time.perf_counter()
@@ -77,8 +90,8 @@ class NodeContext:
         self.exchanges = 0
         self.round_ended_at: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        #: measured duration of each kind of compute job (EWMA, seconds), by function name
-        self._compute_s: dict[str, float] = {}
+        #: measured duration of each kind of compute job (EWMA, seconds), by _job_kind
+        self._compute_s: dict[object, float] = {}
 
     # --- neighbourhood -------------------------------------------------------------------
     def neighbors(self) -> list[str]:
@@ -158,7 +171,7 @@ class NodeContext:
     async def compute(self, fn: Callable[..., T], *args: Any, cost_s: float | None = None) -> T:
         """CPU work: a worker thread on a real node; inline plus a modelled cost in simulation.
 
-        On a real node a job whose kind (its function) has been measured to take less than
+        On a real node a job whose kind (the code it runs) has been measured to take less than
         ``INLINE_COMPUTE_S`` runs on the event loop instead: the hop to the worker thread (a
         thread wake-up and two GIL hand-offs) costs about as much as such a job, and the
         messages it would delay wait less than that. Longer jobs keep the loop free.
@@ -175,7 +188,7 @@ class NodeContext:
             if cost > 0:
                 await self.clock.sleep(cost)
             return result
-        kind = getattr(fn, "__qualname__", None) or repr(fn)
+        kind = _job_kind(fn)
         estimate = self._compute_s.get(kind)
         if estimate is not None and estimate < INLINE_COMPUTE_S:
             result, seconds = _timed(fn, args)

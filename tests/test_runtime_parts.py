@@ -164,6 +164,7 @@ def test_unreachable_address_fails_fast_after_bounded_retries() -> None:
 def test_compute_runs_short_jobs_inline_and_long_ones_on_the_worker_thread() -> None:
     """A job kind is first run on the worker thread and timed; kinds measured under
     INLINE_COMPUTE_S then run on the event loop (grad mode on, as on a fresh thread)."""
+    import functools
     import threading
 
     import torch
@@ -194,6 +195,8 @@ def test_compute_runs_short_jobs_inline_and_long_ones_on_the_worker_thread() -> 
         return shorts, longs, threading.current_thread().name
 
     shorts, longs, loop_thread = run(main())
+    assert runtime._job_kind(lambda: 1) != runtime._job_kind(lambda: 2)
+    assert runtime._job_kind(short) == runtime._job_kind(functools.partial(short))
     assert shorts[0][0].startswith("train-n0")  # unknown cost: the worker thread
     assert [name for name, _ in shorts[1:]] == [loop_thread, loop_thread]
     assert all(grad for _, grad in shorts)

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 
 import pytest
 import torch
 
 from rumor.protocol import codec, framing
 from rumor.protocol.bundle import Bundle, Message
+from rumor.protocol.errors import PeerUnavailable
 from rumor.protocol.grpc_transport import GrpcTransport
+from rumor.protocol.retry import Retry
 from rumor.protocol.transport import NodeService
 from rumor.protocol.v1 import node_pb2
 
@@ -159,5 +162,38 @@ def test_one_message_sent_to_two_peers_at_once_is_encoded_once_over_grpc() -> No
             assert got.bundle is not None and msg.bundle is not None
             for name, t in msg.bundle.tensors.items():
                 assert torch.equal(got.bundle.tensors[name], t)
+
+    asyncio.run(scenario())
+
+
+def test_a_peer_that_is_down_does_not_keep_the_shared_frames_alive() -> None:
+    """One live and one unreachable peer at once: the live one gets the whole message, the
+    failed stream releases its claims, and nothing stays cached or registered."""
+
+    async def scenario() -> None:
+        sink = Sink()
+        server = GrpcTransport(chunk_size=CHUNK)
+        client = GrpcTransport(chunk_size=CHUNK, retry=Retry(attempts=2, base_s=0.01))
+        address = await server.start(sink)
+        await client.start(Sink())
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{s.getsockname()[1]}"
+        msg = message()
+        try:
+            results = await asyncio.gather(
+                client.request(address, msg, 10.0),
+                client.request(dead, msg, 3.0),
+                return_exceptions=True,
+            )
+        finally:
+            for t in (server, client):
+                await t.stop(0.1)
+        assert results[0] is None and isinstance(results[1], PeerUnavailable)
+        assert client._sending == {}
+        (got,) = sink.got
+        assert got.bundle is not None and msg.bundle is not None
+        for name, t in msg.bundle.tensors.items():
+            assert torch.equal(got.bundle.tensors[name], t)
 
     asyncio.run(scenario())

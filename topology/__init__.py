@@ -26,9 +26,11 @@ imports :mod:`~rumor.topology.mixing` alone, without :mod:`networkx`, which ever
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
+
+# Eager: imports nothing heavy, and binding it here keeps ``canonical`` the function even
+# after a submodule imports ``rumor.topology.canonical`` (which would bind the module).
+from rumor.topology.canonical import canonical, edge_key
 
 if TYPE_CHECKING:
     from rumor.topology.analysis import analyze
@@ -47,7 +49,6 @@ if TYPE_CHECKING:
         torus_2d,
         watts_strogatz,
     )
-    from rumor.topology.canonical import canonical, edge_key
     from rumor.topology.io import load, save
     from rumor.topology.mixing import (
         MIXING_KINDS,
@@ -128,8 +129,6 @@ _HOME = {
         ),
         "builders",
     ),
-    "canonical": "canonical",
-    "edge_key": "canonical",
     "load": "io",
     "save": "io",
     **dict.fromkeys(
@@ -176,24 +175,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
-
-
-class _Namespace(types.ModuleType):
-    """Keeps a public name bound to its object when a submodule of the same name is imported.
-
-    Importing ``rumor.topology.canonical`` binds the *module* as this package's ``canonical``
-    attribute; the eager package this one replaces bound the function there, so that is kept.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if (
-            isinstance(value, types.ModuleType)
-            and _HOME.get(name) == name
-            and value.__name__ == f"{__name__}.{name}"
-            and hasattr(value, name)
-        ):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Namespace

@@ -8,8 +8,10 @@ integers ``0..n-1``, inserted in that order, with edges listed in sorted order.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
+from typing import TYPE_CHECKING
 
-import networkx as nx
+if TYPE_CHECKING:
+    import networkx as nx
 
 __all__ = ["canonical", "edge_key"]
 
@@ -37,12 +39,15 @@ def canonical(G: nx.Graph, label_attribute: str | None = None) -> nx.Graph:
 
     Examples
     --------
+    >>> import networkx as nx
     >>> H = canonical(nx.Graph([("b", "a"), ("a", "a")]))
     >>> list(H.edges()), nx.number_of_selfloops(H)
     ([(0, 1)], 0)
     >>> sorted(canonical(nx.path_graph(["10", "9", "8"])).edges())
     [(0, 1), (1, 2)]
     """
+    import networkx as nx  # here, not at import: a node imports this module, never networkx
+
     order = _sorted_labels(G.nodes)
     index = {u: i for i, u in enumerate(order)}
     H = nx.Graph()

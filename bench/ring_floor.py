@@ -34,11 +34,12 @@ import asyncio
 import multiprocessing as mp
 import os
 import queue
-import socket
 import statistics
 import sys
 import time
 from typing import Any
+
+from rumor.cluster import free_ports
 
 N_NODES = 4
 CHUNK = 1 << 20
@@ -48,17 +49,6 @@ END = b"end"  # closes one message on a persistent stream
 
 def default_rounds(mb: float) -> int:
     return 150 if mb <= 2 else 60 if mb <= 20 else 30
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _node(index: int, ports: list[int], nbytes: int, rounds: int, pattern: str, out: Any) -> None:
@@ -176,7 +166,7 @@ def ring_floor(nbytes: int, rounds: int, pattern: str = "stream") -> dict[str, A
         raise ValueError(f"unknown pattern {pattern!r}")
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    ports = _free_ports(N_NODES)
+    ports = free_ports(N_NODES)
     procs = [
         ctx.Process(target=_node, args=(i, ports, nbytes, rounds, pattern, out), daemon=True)
         for i in range(N_NODES)

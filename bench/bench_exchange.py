@@ -10,11 +10,16 @@ the stream, the receiver's landing copy, digest and finiteness check, and the ac
 Reference, measured in the same run and interleaved rep by rep (TCP, gRPC, TCP, gRPC, ...):
 raw TCP to a receiver process, ``sendall`` from a preallocated buffer and ``recv_into`` a
 preallocated buffer in 1 MiB pieces, timed until the receiver acknowledges the last byte.
-The figure of merit is gRPC MB/s as a percentage of TCP MB/s (target: at least 30 % at
-100 MB). MB = 10^6 bytes. The ``CPU ms/MB`` column is the CPU time of both processes (all
-threads, from the scheduler's counters) per MB moved: on a machine whose cores are all busy,
-as in a local cluster, it is what limits throughput. Both processes use one torch thread,
-like a node (``torch_threads = 1``), and both apply a node's allocator tuning
+The figure of merit is gRPC MB/s as a percentage of TCP MB/s (target: at least 30 % at 100
+MB). A second reference, also interleaved, is the ``bare e2e`` row: what grpc.aio itself
+reaches tensor to tensor on this machine, by the end-to-end path of
+``../shared/specs/transport-limits.md`` (``tensor1``): the client yields
+``bytes(memoryview(t.numpy())[i:i + 1 MiB])`` per tensor, a bare handler copies each chunk
+into a reused, preallocated landing buffer and answers; no envelope, digest, finiteness
+check or validation. MB = 10^6 bytes. The ``CPU ms/MB`` column is the CPU time of both
+processes (all threads, from the scheduler's counters) per MB moved: on a machine whose
+cores are all busy, as in a local cluster, it is what limits throughput. Both processes use
+one torch thread, like a node (``torch_threads = 1``), and both apply a node's allocator tuning
 (:mod:`rumor.node.allocator`; ``RUMOR_MALLOC_TUNING=0`` leaves it off). ``--torch-threads 2``
 shows what the receiver's finiteness check costs when its reductions must wait for a
 second, busy core.
@@ -67,6 +72,7 @@ STOP_KIND = "bench.stop"
 STATS_KIND = "bench.stats"
 MODEL_KIND = "bench.model"
 NULL_METHOD = "/bench.Null/Exchange"
+BARE_METHOD = "/bench.Null/Land"
 TIMEOUT_S = 300.0
 
 
@@ -121,11 +127,29 @@ async def _serve_async(pipe: Any, chunk_size: int) -> None:
             pass
         yield ack
 
+    landing: dict[int, memoryview] = {}  # one reused buffer per model size
+
+    async def bare_land(frames: Any, context: Any) -> Any:
+        total = int(dict(context.invocation_metadata())["x-total"])
+        buf = landing.get(total)
+        if buf is None:
+            buf = landing[total] = memoryview(bytearray(total))
+        pos = 0
+        async for frame in frames:
+            n = len(frame)
+            buf[pos : pos + n] = frame
+            pos += n
+        yield ack
+
     null_server = channels.make_server()
     null_server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
-                "bench.Null", {"Exchange": grpc.stream_stream_rpc_method_handler(null_exchange)}
+                "bench.Null",
+                {
+                    "Exchange": grpc.stream_stream_rpc_method_handler(null_exchange),
+                    "Land": grpc.stream_stream_rpc_method_handler(bare_land),
+                },
             ),
         )
     )
@@ -185,6 +209,23 @@ class Exchange:
         call = client.channel(target).stream_stream(NULL_METHOD if null else _EXCHANGE)
         t0 = now()
         async for _ in call(iter(frames), timeout=TIMEOUT_S):
+            pass
+        return now() - t0
+
+    async def send_bare(self, state: dict[str, Any]) -> float:
+        """The transport-limits end-to-end path: one ``bytes`` copy per 1 MiB slice."""
+        client = next(iter(self.clients.values()))
+        call = client.channel(self.null_address).stream_stream(BARE_METHOD)
+        total = state_nbytes(state)
+
+        def chunks() -> Any:
+            for t in state.values():
+                mv = memoryview(t.numpy()).cast("B")
+                for i in range(0, len(mv), MIB):
+                    yield bytes(mv[i : i + MIB])
+
+        t0 = now()
+        async for _ in call(chunks(), timeout=TIMEOUT_S, metadata=(("x-total", str(total)),)):
             pass
         return now() - t0
 
@@ -267,6 +308,12 @@ async def measure(
                             cpu[f"rumor/{c}"] += grpc_cpu.read() - c0
                             if c == chunks[0]:
                                 sent_at.append(wall)
+                    gc.collect()
+                    c0 = grpc_cpu.read()
+                    dt = await ex.send_bare(state)
+                    if keep:
+                        times.setdefault("bare e2e", []).append(dt)
+                        cpu["bare e2e"] += grpc_cpu.read() - c0
                     if breakdown:
                         for name, null in (("prebuilt", False), ("null", True)):
                             c0 = grpc_cpu.read()

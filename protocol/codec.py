@@ -4,8 +4,10 @@ The wire form of a bundle is one ``BundleHeader`` (see ``proto/rumor/v1/tensor.p
 payload of exactly ``total_bytes`` bytes. The payload is every tensor's raw **little-endian**
 bytes, each starting at an offset aligned to :data:`~rumor.protocol.constants.ALIGNMENT`, with
 zero bytes in the gaps. ``digest`` is xxh3-128 of the payload exactly as it travels, padding
-included. Big-endian hosts are refused with :class:`NotImplementedError` rather than sending
-or accepting byte-swapped data.
+included; it is in the header, or, when the header leaves it empty, given to
+:meth:`BundleDecoder.finish` after the payload (how streams send it, see
+:mod:`rumor.protocol.framing`). Big-endian hosts are refused with
+:class:`NotImplementedError` rather than sending or accepting byte-swapped data.
 
 Cost model (measured in ``specs/transport-limits.md``): the sender never concatenates the
 model; :meth:`EncodedBundle.chunk_parts` hands out memoryviews into the source tensors and
@@ -195,8 +197,8 @@ class EncodedBundle:
 
     Unless it was encoded with ``snapshot=True``, the payload pieces are views into the
     caller's tensors, which this object keeps alive. The caller must not modify those tensors
-    until streaming ends: the digest was taken at encode time and the receiver would reject
-    the changed bytes with ``DATA_LOSS``.
+    until streaming ends: the receiver would reject changed bytes with ``DATA_LOSS`` (the
+    digest was taken at encode time, or is taken as the chunks go out).
     """
 
     header: tensor_pb2.BundleHeader
@@ -285,13 +287,15 @@ def _layout(
     return header, tensors, offsets
 
 
-def plan(bundle: Bundle) -> tensor_pb2.BundleHeader:
-    """The header :func:`encode` would produce, but with an all-zero digest.
+def plan(bundle: Bundle, *, defer_digest: bool = False) -> tensor_pb2.BundleHeader:
+    """The header :func:`encode` would produce, but with an all-zero digest (or none).
 
     Neither reads nor copies tensor bytes; useful to size a message before sending it.
+    ``defer_digest`` as for :func:`encode`.
     """
     header, _, _ = _layout(bundle, wire_ready=False)
-    header.digest = bytes(DIGEST_SIZE)
+    if not (defer_digest and header.total_bytes):
+        header.digest = bytes(DIGEST_SIZE)
     return header
 
 
@@ -308,13 +312,16 @@ def _snapshot(tensors: list[torch.Tensor], offsets: list[int], total: int) -> to
     return buf
 
 
-def encode(bundle: Bundle, *, snapshot: bool = False) -> EncodedBundle:
+def encode(bundle: Bundle, *, snapshot: bool = False, defer_digest: bool = False) -> EncodedBundle:
     """Lay out ``bundle`` for the wire and compute its digest (one read of every byte).
 
     Tensors keep their dtype and shape; non-contiguous tensors are made contiguous and
     tensors on other devices are moved to the CPU (those are the only copies). With
     ``snapshot=True`` all tensors are instead copied once into one new buffer, so the caller
-    may keep modifying them (e.g. keep training) while the payload streams.
+    may keep modifying them (e.g. keep training) while the payload streams. With
+    ``defer_digest=True`` a non-empty payload is not read here and ``header.digest`` stays
+    empty: the caller hashes the chunks as it sends them and sends the digest after the last
+    one (an Exchange stream's ``Frame.digest``), so the first chunk can leave at once.
     """
     header, tensors, offsets = _layout(bundle, wire_ready=not snapshot)
     pieces: list[ByteChunk] = []
@@ -336,10 +343,11 @@ def encode(bundle: Bundle, *, snapshot: bool = False) -> EncodedBundle:
                 pieces.append(view)
                 end += len(view)
 
-    hasher = xxhash.xxh3_128()
-    for piece in pieces:
-        hasher.update(piece)
-    header.digest = hasher.digest()
+    if not (defer_digest and header.total_bytes):
+        hasher = xxhash.xxh3_128()
+        for piece in pieces:
+            hasher.update(piece)
+        header.digest = hasher.digest()
     return EncodedBundle(header=header, _pieces=pieces, _keep=keep)
 
 
@@ -368,7 +376,7 @@ def _validate(header: tensor_pb2.BundleHeader, max_bytes: int) -> list[torch.dty
         raise Rejected(
             Code.RESOURCE_EXHAUSTED, f"bundle of {total} bytes exceeds the limit of {max_bytes}"
         )
-    if len(header.digest) != DIGEST_SIZE:
+    if len(header.digest) not in (0, DIGEST_SIZE):  # empty: it follows the payload
         raise Rejected(
             Code.INVALID_ARGUMENT,
             f"digest of {len(header.digest)} bytes; xxh3-128 needs {DIGEST_SIZE}",
@@ -502,8 +510,17 @@ class BundleDecoder:
         self._hasher.update(mv)
         self.received = pos + n
 
-    def finish(self) -> Bundle:
-        """Check length, digest and (optionally) finiteness; return the decoded bundle."""
+    @property
+    def needs_digest(self) -> bool:
+        """Whether the header left the digest out, so :meth:`finish` must be given it."""
+        return not self.header.digest
+
+    def finish(self, digest: bytes | None = None) -> Bundle:
+        """Check length, digest and (optionally) finiteness; return the decoded bundle.
+
+        ``digest`` is the one sent after the payload, required exactly when the header
+        carries none (:attr:`needs_digest`).
+        """
         if self._finished:
             raise RuntimeError("finish() called twice")
         if self.received != self.total_bytes:
@@ -511,12 +528,30 @@ class BundleDecoder:
                 Code.INVALID_ARGUMENT,
                 f"truncated: got {self.received} of {self.total_bytes} bytes",
             )
-        digest = self._hasher.digest()
-        if digest != self.header.digest:
+        if self.header.digest:
+            if digest is not None:
+                raise Rejected(
+                    Code.INVALID_ARGUMENT, "a second digest after the payload; the header has one"
+                )
+            expected, source = self.header.digest, "header"
+        elif digest is None:
+            raise Rejected(
+                Code.INVALID_ARGUMENT,
+                "no digest: the header has none and none followed the payload",
+            )
+        elif len(digest) != DIGEST_SIZE:
+            raise Rejected(
+                Code.INVALID_ARGUMENT,
+                f"digest of {len(digest)} bytes after the payload; xxh3-128 needs {DIGEST_SIZE}",
+            )
+        else:
+            expected, source = digest, "sender"
+        actual = self._hasher.digest()
+        if actual != expected:
             raise Rejected(
                 Code.DATA_LOSS,
-                f"digest mismatch: payload hashes to {digest.hex()}, header says "
-                f"{self.header.digest.hex()}",
+                f"digest mismatch: payload hashes to {actual.hex()}, {source} says "
+                f"{bytes(expected).hex()}",
             )
         tensors: dict[str, torch.Tensor] = {}
         for spec, dtype in zip(self.header.tensors, self._dtypes, strict=True):
@@ -537,11 +572,15 @@ def decode(
     payload: bytes | bytearray | memoryview,
     max_bytes: int = MAX_BUNDLE_BYTES,
     check_finite: bool = True,
+    digest: bytes | None = None,
 ) -> Bundle:
-    """Decode a complete payload in one call (copies it once into the landing buffer)."""
+    """Decode a complete payload in one call (copies it once into the landing buffer).
+
+    ``digest`` is required when the header carries none (see :func:`encode`).
+    """
     decoder = BundleDecoder(header, max_bytes=max_bytes, check_finite=check_finite)
     decoder.feed(payload)
-    return decoder.finish()
+    return decoder.finish(digest)
 
 
 # --------------------------------------------------------------------------------- digest

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 #: Version of the Envelope/Frame protocol; a receiver refuses envelopes of another version.
-PROTOCOL_VERSION = 1
+#: 2: a bundle's digest may follow its last chunk in a ``Frame.digest``.
+PROTOCOL_VERSION = 2
 #: Version of the bundle codec (header layout, alignment, digest).
 CODEC_VERSION = 1
 #: The only payload encoding so far: raw little-endian bytes.

@@ -1,15 +1,19 @@
 """Exchange stream framing: a :class:`~rumor.protocol.bundle.Message` to and from ``Frame`` bytes.
 
 An Exchange stream in each direction is one envelope frame followed by the bundle's payload
-chunks. Frames are written and parsed by hand yet stay wire compatible with
-``message Frame { oneof kind { Envelope envelope = 1; bytes chunk = 2; } }`` in
-``node.proto``: a frame is one protobuf field, tag ``0x0A`` (envelope) or ``0x12`` (chunk),
-a varint length and the bytes. Tensor bytes thus never pass through a protobuf object: a
-chunk frame is built with one copy (prefix and payload pieces joined once, the fastest of
-the variants measured in ``bench/bench_codec.py``) and parsed into a zero-copy memoryview.
+chunks and, when the payload is not empty, a digest frame: the xxh3-128 of the payload,
+which the sender takes chunk by chunk as it builds the frames (each chunk is then still in
+cache) instead of in a pass over the whole model before the first byte can leave. Frames are
+written and parsed by hand yet stay wire compatible with ``message Frame { oneof kind {
+Envelope envelope = 1; bytes chunk = 2; bytes digest = 3; } }`` in ``node.proto``: a frame
+is one protobuf field, tag ``0x0A`` (envelope), ``0x12`` (chunk) or ``0x1A`` (digest), a
+varint length and the bytes. Tensor bytes thus never pass through a protobuf object: a chunk
+frame is built with one copy (prefix and payload pieces joined once, the fastest of the
+variants measured in ``bench/bench_codec.py``) and parsed into a zero-copy memoryview.
 
 This module must not import grpc or talk to the network, must not decide what a message
-means (rules do), and must not accept frames that are not exactly one envelope or one chunk.
+means (rules do), and must not accept frames that are not exactly one envelope, one chunk
+or one digest.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator
 from typing import Literal
 
+import xxhash
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
@@ -34,10 +39,12 @@ from rumor.protocol.v1 import node_pb2, tensor_pb2
 
 __all__ = [
     "CHUNK_TAG",
+    "DIGEST_TAG",
     "ENVELOPE_TAG",
     "MessageAssembler",
     "SharedFrames",
     "chunk_frame",
+    "digest_frame",
     "envelope_frame",
     "message_nbytes_on_wire",
     "message_to_envelope",
@@ -49,11 +56,15 @@ __all__ = [
 ENVELOPE_TAG = 0x0A
 #: Field 2 (chunk), wire type 2 (length-delimited).
 CHUNK_TAG = 0x12
+#: Field 3 (digest), wire type 2 (length-delimited).
+DIGEST_TAG = 0x1A
 _ENVELOPE_PREFIX = bytes([ENVELOPE_TAG])
 _CHUNK_PREFIX = bytes([CHUNK_TAG])
 _MAX_VARINT_BYTES = 10
+#: Bytes of a digest frame on the wire: tag, one-byte length, digest.
+_DIGEST_FRAME_BYTES = 2 + codec.DIGEST_SIZE
 
-FrameKind = Literal["envelope", "chunk"]
+FrameKind = Literal["envelope", "chunk", "digest"]
 
 
 def _varint(n: int) -> bytes:
@@ -81,6 +92,19 @@ def _chunk_frame_parts(parts: list[codec.ByteChunk]) -> bytes:
     return b"".join([_CHUNK_PREFIX, _varint(n), *parts])
 
 
+def _hashed_chunk_frame(parts: list[codec.ByteChunk], hasher: xxhash.xxh3_128) -> bytes:
+    """A chunk frame, its payload bytes added to ``hasher`` while they are in cache."""
+    frame = _chunk_frame_parts(parts)
+    n = sum(len(p) for p in parts)
+    hasher.update(memoryview(frame)[len(frame) - n :])
+    return frame
+
+
+def digest_frame(digest: bytes) -> bytes:
+    """A ``Frame(digest=digest)``: the payload's xxh3-128, after its last chunk."""
+    return b"".join((bytes([DIGEST_TAG]), _varint(len(digest)), digest))
+
+
 def envelope_frame(env: node_pb2.Envelope) -> bytes:
     """A ``Frame(envelope=env)``; equal to protobuf's own serialization of that frame."""
     body = env.SerializeToString()
@@ -92,9 +116,9 @@ def parse_frame(
 ) -> tuple[FrameKind, node_pb2.Envelope | memoryview]:
     """Split one frame into its kind and content.
 
-    Returns ``("envelope", Envelope)`` or ``("chunk", memoryview)``, the memoryview being a
-    zero-copy window into ``frame``. Anything but exactly one envelope or one chunk field is
-    refused with ``Rejected(INVALID_ARGUMENT)``.
+    Returns ``("envelope", Envelope)``, ``("chunk", memoryview)`` or ``("digest",
+    memoryview)``, a memoryview being a zero-copy window into ``frame``. Anything but exactly
+    one envelope, chunk or digest field is refused with ``Rejected(INVALID_ARGUMENT)``.
     """
     mv = memoryview(frame)
     if mv.ndim != 1 or mv.format != "B":
@@ -103,7 +127,7 @@ def parse_frame(
     if size == 0:
         raise Rejected(Code.INVALID_ARGUMENT, "empty frame")
     tag = mv[0]
-    if tag not in (ENVELOPE_TAG, CHUNK_TAG):
+    if tag not in (ENVELOPE_TAG, CHUNK_TAG, DIGEST_TAG):
         raise Rejected(Code.INVALID_ARGUMENT, f"unknown frame tag 0x{tag:02x}")
     length = 0
     shift = 0
@@ -127,6 +151,13 @@ def parse_frame(
     body = mv[pos:]
     if tag == CHUNK_TAG:
         return "chunk", body
+    if tag == DIGEST_TAG:
+        if length != codec.DIGEST_SIZE:
+            raise Rejected(
+                Code.INVALID_ARGUMENT,
+                f"digest frame of {length} bytes; xxh3-128 needs {codec.DIGEST_SIZE}",
+            )
+        return "digest", body
     if length > MAX_ENVELOPE_BYTES:
         raise Rejected(
             Code.INVALID_ARGUMENT,
@@ -184,17 +215,21 @@ def message_to_frames(
     chunk_size: int = CHUNK_SIZE,
     snapshot: bool = False,
 ) -> Iterator[bytes]:
-    """The frames of ``msg``: its envelope, then its bundle's payload in chunk frames.
+    """The frames of ``msg``: its envelope, its bundle's payload in chunk frames, the digest.
 
-    The bundle is encoded (and its digest taken) when this function is called, not when the
-    iterator is first advanced; with ``snapshot=True`` its tensors are copied at that moment
-    and may change afterwards. Otherwise they must stay unchanged until the last frame has
-    been produced. ``algorithm`` overrides ``msg.algorithm`` in the envelope. Each chunk
-    frame costs exactly one copy of its bytes.
+    The bundle is laid out when this function is called, not when the iterator is first
+    advanced; with ``snapshot=True`` its tensors are copied at that moment and may change
+    afterwards. Otherwise they must stay unchanged until the last frame has been produced.
+    ``algorithm`` overrides ``msg.algorithm`` in the envelope. Each chunk frame costs exactly
+    one copy of its bytes, and the digest is taken from that copy.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, not {chunk_size}")
-    encoded = codec.encode(msg.bundle, snapshot=snapshot) if msg.bundle is not None else None
+    encoded = (
+        codec.encode(msg.bundle, snapshot=snapshot, defer_digest=True)
+        if msg.bundle is not None
+        else None
+    )
     env = message_to_envelope(msg, encoded.header if encoded else None, algorithm)
     first = envelope_frame(env)
     return _frames(first, encoded, chunk_size)
@@ -202,9 +237,11 @@ def message_to_frames(
 
 def _frames(first: bytes, encoded: codec.EncodedBundle | None, chunk_size: int) -> Iterator[bytes]:
     yield first
-    if encoded is not None:
+    if encoded is not None and not encoded.header.digest:
+        hasher = xxhash.xxh3_128()
         for parts in encoded.chunk_parts(chunk_size):
-            yield _chunk_frame_parts(parts)
+            yield _hashed_chunk_frame(parts, hasher)
+        yield digest_frame(hasher.digest())
 
 
 class SharedFrames:
@@ -213,11 +250,12 @@ class SharedFrames:
     A node sends the same model to each neighbour in a round. Encoding it once (one digest,
     one frame copy per chunk) instead of once per stream saves a read and a copy of the
     model for every neighbour after the first. Each :meth:`reader` yields the whole frame
-    sequence; a chunk frame is built by the first reader that needs it and kept only until
-    every reader that was registered before it was built has taken it, so readers that
-    advance together hold about one frame, and a lagging reader holds at most the frames
-    it has not sent yet. A reader that starts after frames were dropped (a retry) builds
-    those frames again for itself, from the same digest. Not thread-safe: one event loop.
+    sequence; a chunk frame is built (and added to the digest) by the first reader that
+    needs it and kept only until every reader that was registered before it was built has
+    taken it, so readers that advance together hold about one frame, and a lagging reader
+    holds at most the frames it has not sent yet. A reader that starts after frames were
+    dropped (a retry) builds those frames again for itself; the digest, taken from the
+    first build of every chunk, stays the same. Not thread-safe: one event loop.
 
     The message's tensors must not change while any reader is open, as for
     :func:`message_to_frames`.
@@ -228,7 +266,9 @@ class SharedFrames:
     ) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, not {chunk_size}")
-        self._encoded = codec.encode(msg.bundle) if msg.bundle is not None else None
+        self._encoded = (
+            codec.encode(msg.bundle, defer_digest=True) if msg.bundle is not None else None
+        )
         header = self._encoded.header if self._encoded else None
         self._first = envelope_frame(message_to_envelope(msg, header, algorithm))
         self._chunk_size = chunk_size
@@ -236,6 +276,8 @@ class SharedFrames:
         self.n_chunks = -(-total // chunk_size)
         self._parts = self._encoded.chunk_parts(chunk_size) if self._encoded else iter(())
         self._built = 0
+        self._hasher = xxhash.xxh3_128()
+        self._digest_frame: bytes | None = None
         #: chunk index -> (frame, readers still to take it)
         self._cache: dict[int, tuple[bytes, set[int]]] = {}
         #: reader id -> index of the next chunk it will take
@@ -279,11 +321,20 @@ class SharedFrames:
                     frame = self._build_next(rid, index)
                 self._readers[rid] = index + 1
                 yield frame
+            if self.n_chunks:
+                yield self._digest()
         finally:
             self._release(rid)
 
+    def _digest(self) -> bytes:
+        # Every chunk was built once before any reader gets past the last one.
+        assert self._built == self.n_chunks
+        if self._digest_frame is None:
+            self._digest_frame = digest_frame(self._hasher.digest())
+        return self._digest_frame
+
     def _build_next(self, rid: int, index: int) -> bytes:
-        frame = _chunk_frame_parts(next(self._parts))
+        frame = _hashed_chunk_frame(next(self._parts), self._hasher)
         self._built = index + 1
         self.frames_built += 1
         pending = {r for r, nxt in self._readers.items() if r != rid and nxt <= index}
@@ -314,7 +365,7 @@ def message_nbytes_on_wire(msg: Message, chunk_size: int = CHUNK_SIZE) -> int:
     header = None
     total = 0
     if msg.bundle is not None:
-        header = codec.plan(msg.bundle)
+        header = codec.plan(msg.bundle, defer_digest=True)
         total = header.total_bytes
     env = message_to_envelope(msg, header)
     n = env.ByteSize()
@@ -323,6 +374,8 @@ def message_nbytes_on_wire(msg: Message, chunk_size: int = CHUNK_SIZE) -> int:
     wire += full * (1 + _varint_len(chunk_size) + chunk_size)
     if rest:
         wire += 1 + _varint_len(rest) + rest
+    if total:
+        wire += _DIGEST_FRAME_BYTES
     return wire
 
 
@@ -330,7 +383,9 @@ class MessageAssembler:
     """Rebuilds one :class:`Message` from the frames of one Exchange direction.
 
     :meth:`feed` each frame as it arrives; it returns the message when it is complete (at
-    the envelope when there is no bundle, at the last chunk otherwise) and ``None`` before.
+    the envelope when there is no bundle or an empty payload, at the digest frame after the
+    last chunk when the header carries no digest, at the last chunk otherwise) and ``None``
+    before.
     Call :meth:`finish` when the stream ends: it refuses a stream that stopped early. Every
     refusal is a :class:`Rejected` naming the problem. ``wire_bytes`` counts the frame bytes
     fed so far, for byte counters.
@@ -354,14 +409,25 @@ class MessageAssembler:
             return self._on_envelope(content)
         assert isinstance(content, memoryview)
         if self._env is None:
-            raise Rejected(Code.INVALID_ARGUMENT, "chunk before the envelope")
-        if self._decoder is None:
+            raise Rejected(Code.INVALID_ARGUMENT, f"{kind} before the envelope")
+        decoder = self._decoder
+        if kind == "digest":
+            if decoder is None or not decoder.needs_digest:
+                raise Rejected(Code.INVALID_ARGUMENT, "digest frame for a message that needs none")
+            if not decoder.complete:
+                raise Rejected(
+                    Code.INVALID_ARGUMENT,
+                    f"truncated: digest frame after {decoder.received} of "
+                    f"{decoder.total_bytes} payload bytes",
+                )
+            return self._complete(bytes(content))
+        if decoder is None:
             raise Rejected(
                 Code.INVALID_ARGUMENT,
                 f"oversize: chunk of {len(content)} bytes after the end of the message",
             )
-        self._decoder.feed(content)
-        if self._decoder.complete:
+        decoder.feed(content)
+        if decoder.complete and not decoder.needs_digest:
             return self._complete()
         return None
 
@@ -369,11 +435,17 @@ class MessageAssembler:
         """The assembled message; ``Rejected`` if the stream ended before it was complete."""
         if self._env is None:
             raise Rejected(Code.INVALID_ARGUMENT, "stream ended before any envelope")
-        if self._decoder is not None:
+        decoder = self._decoder
+        if decoder is not None:
+            if decoder.complete:
+                raise Rejected(
+                    Code.INVALID_ARGUMENT,
+                    "truncated: stream ended after the payload, before its digest frame",
+                )
             raise Rejected(
                 Code.INVALID_ARGUMENT,
-                f"truncated: stream ended after {self._decoder.received} of "
-                f"{self._decoder.total_bytes} payload bytes",
+                f"truncated: stream ended after {decoder.received} of "
+                f"{decoder.total_bytes} payload bytes",
             )
         assert self._message is not None
         return self._message
@@ -390,14 +462,14 @@ class MessageAssembler:
             self._decoder = codec.BundleDecoder(
                 env.bundle, max_bytes=self.max_bytes, check_finite=self.check_finite
             )
-            if self._decoder.complete:
+            if self._decoder.complete and not self._decoder.needs_digest:
                 return self._complete()
             return None
         return self._build(None)
 
-    def _complete(self) -> Message:
+    def _complete(self, digest: bytes | None = None) -> Message:
         assert self._decoder is not None
-        bundle = self._decoder.finish()
+        bundle = self._decoder.finish(digest)
         self._decoder = None
         return self._build(bundle)
 

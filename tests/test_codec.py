@@ -526,3 +526,35 @@ def test_big_endian_hosts_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         codec.encode(sample_bundle())
     with pytest.raises(NotImplementedError, match="little-endian"):
         codec.BundleDecoder(header)
+
+
+def test_a_deferred_digest_is_required_after_the_payload_and_checked() -> None:
+    bundle = sample_bundle()
+    enc = codec.encode(bundle, defer_digest=True)
+    assert enc.header.digest == b""
+    payload = stream(enc)
+    digest = xxhash.xxh3_128(payload).digest()
+    assert digest == codec.encode(bundle).header.digest  # the same digest, taken later
+    assert_same(bundle, codec.decode(enc.header, payload, digest=digest))
+    cases = [
+        (None, Code.INVALID_ARGUMENT, "no digest: the header has none"),
+        (digest[:8], Code.INVALID_ARGUMENT, "digest of 8 bytes after the payload"),
+        (bytes(16), Code.DATA_LOSS, "digest mismatch: payload hashes to"),
+    ]
+    for given_digest, code, problem in cases:
+        with pytest.raises(Rejected) as info:
+            codec.decode(enc.header, payload, digest=given_digest)
+        assert info.value.code == code and problem in info.value.detail
+
+
+def test_a_header_digest_leaves_no_room_for_a_second_one() -> None:
+    enc = codec.encode(sample_bundle())
+    with pytest.raises(Rejected) as info:
+        codec.decode(enc.header, stream(enc), digest=enc.header.digest)
+    assert "a second digest" in info.value.detail
+
+
+def test_an_empty_payload_keeps_its_digest_in_the_header_even_when_deferred() -> None:
+    enc = codec.encode(Bundle({"e": torch.zeros(0)}, {"n": 1}), defer_digest=True)
+    assert enc.header.digest == xxhash.xxh3_128(b"").digest()
+    assert codec.decode(enc.header, b"").meta == {"n": 1}

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import xxhash
 from google.protobuf import any_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rumor.protocol import framing
+from rumor.protocol import codec, framing
 from rumor.protocol.bundle import Bundle, Message
 from rumor.protocol.constants import MAX_ENVELOPE_BYTES, PROTOCOL_VERSION
 from rumor.protocol.errors import Code, Rejected
@@ -102,8 +103,12 @@ def test_protobuf_reads_every_frame_we_write() -> None:
     parsed = [node_pb2.Frame.FromString(f) for f in frames]
     assert parsed[0].WhichOneof("kind") == "envelope"
     assert parsed[0].envelope.sender == "n1"
-    assert all(p.WhichOneof("kind") == "chunk" for p in parsed[1:])
-    assert sum(len(p.chunk) for p in parsed[1:]) == parsed[0].envelope.bundle.total_bytes
+    assert parsed[0].envelope.bundle.digest == b""  # it follows the payload
+    assert all(p.WhichOneof("kind") == "chunk" for p in parsed[1:-1])
+    payload = b"".join(p.chunk for p in parsed[1:-1])
+    assert len(payload) == parsed[0].envelope.bundle.total_bytes
+    assert parsed[-1].WhichOneof("kind") == "digest"
+    assert parsed[-1].digest == xxhash.xxh3_128(payload).digest()
 
 
 # ------------------------------------------------------------------------ round trips
@@ -224,8 +229,41 @@ def test_second_envelope_is_refused() -> None:
 
 def test_stream_that_ends_mid_bundle_is_truncated() -> None:
     frames = frames_of_model()
-    err = reject(frames[:-1])
+    err = reject(frames[:-2])  # the last chunk and the digest are missing
     assert err.code == Code.INVALID_ARGUMENT and err.detail.startswith("truncated:")
+    assert "payload bytes" in err.detail
+
+
+def test_stream_that_ends_before_the_digest_is_truncated() -> None:
+    err = reject(frames_of_model()[:-1])
+    assert err.code == Code.INVALID_ARGUMENT
+    assert err.detail == "truncated: stream ended after the payload, before its digest frame"
+
+
+def test_digest_frame_before_the_last_chunk_is_refused() -> None:
+    frames = frames_of_model()
+    err = reject([*frames[:-2], frames[-1]], finish=False)
+    assert err.code == Code.INVALID_ARGUMENT and "truncated: digest frame after" in err.detail
+
+
+def test_digest_frame_where_none_is_due_is_refused() -> None:
+    digest = framing.digest_frame(bytes(16))
+    only = list(framing.message_to_frames(Message(kind="k")))
+    assert "needs none" in reject([*only, digest], finish=False).detail
+    frames = frames_of_model()
+    assert "needs none" in reject([*frames, digest], finish=False).detail
+    assert "digest before the envelope" in reject([digest]).detail
+
+
+def test_header_digest_still_accepted_without_a_digest_frame() -> None:
+    bundle = model()
+    enc = codec.encode(bundle)  # digest in the header, as a non-streaming sender may do
+    env = framing.message_to_envelope(Message(kind="k", bundle=bundle), enc.header)
+    frames = [framing.envelope_frame(env), *(framing.chunk_frame(c) for c in enc.chunks(100))]
+    out = assemble(frames)
+    assert out.bundle is not None and torch.equal(
+        out.bundle.tensors["layer.bias"], bundle.tensors["layer.bias"]
+    )
 
 
 def test_stream_without_envelope_is_refused() -> None:
@@ -239,12 +277,14 @@ def test_chunk_after_the_message_is_oversize() -> None:
     assert "oversize" in reject([*only, framing.chunk_frame(b"x")], finish=False).detail
 
 
-def test_corrupted_chunk_is_data_loss() -> None:
+@pytest.mark.parametrize("which", [-2, -1], ids=["last chunk", "digest frame"])
+def test_corrupted_chunk_or_digest_is_data_loss(which: int) -> None:
     frames = frames_of_model()
-    last = bytearray(frames[-1])
-    last[-1] ^= 1
-    err = reject([*frames[:-1], bytes(last)], finish=False)
-    assert err.code == Code.DATA_LOSS
+    bad = bytearray(frames[which])
+    bad[-1] ^= 1
+    frames[which] = bytes(bad)
+    err = reject(frames, finish=False)
+    assert err.code == Code.DATA_LOSS and "digest mismatch" in err.detail
 
 
 def test_wrong_protocol_version_is_a_failed_precondition() -> None:
@@ -258,7 +298,9 @@ def test_wrong_protocol_version_is_a_failed_precondition() -> None:
     ("frame", "problem"),
     [
         (b"", "empty frame"),
-        (b"\x1a\x00", "unknown frame tag 0x1a"),
+        (b"\x22\x00", "unknown frame tag 0x22"),
+        (b"\x1a\x00", "digest frame of 0 bytes; xxh3-128 needs 16"),
+        (b"\x1a\x11" + bytes(17), "digest frame of 17 bytes"),
         (b"\x08\x01", "unknown frame tag 0x08"),
         (b"\x12", "truncated varint"),
         (b"\x12\x80", "truncated varint"),

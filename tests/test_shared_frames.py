@@ -60,7 +60,7 @@ def test_readers_advancing_together_share_every_frame_and_hold_at_most_one() -> 
     for reader in readers:
         assert next(reader, None) is None
     assert got == [want, want, want]
-    assert shared.frames_built == shared.n_chunks == len(want) - 1
+    assert shared.frames_built == shared.n_chunks == len(want) - 2  # envelope, digest
     assert shared.open_readers == 0 and shared.cached_frames == 0
 
 

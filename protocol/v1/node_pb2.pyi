@@ -31,12 +31,14 @@ class Envelope(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., sender: _Optional[str] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., time: _Optional[float] = ..., exchange_id: _Optional[str] = ..., bundle: _Optional[_Union[_tensor_pb2.BundleHeader, _Mapping]] = ..., payload: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., algorithm: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("envelope", "chunk")
+    __slots__ = ("envelope", "chunk", "digest")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     chunk: bytes
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    digest: bytes
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., chunk: _Optional[bytes] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class Ping(_message.Message):
     __slots__ = ("sender", "address", "protocol_version", "round", "degree", "leaving")

@@ -38,7 +38,7 @@ second, busy core.
 ``--chunks`` sweeps the transport's ``chunk_size`` (bytes per frame).
 
 Run: ``.venv/bin/python bench/bench_exchange.py [--sizes 10,100,400] [--reps 5]
-[--chunks 1048576] [--breakdown] [--torch-threads 1] [--out]``.
+[--chunks 2097152] [--breakdown] [--torch-threads 1] [--out]``.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ from common import (
     state_nbytes,
     stop_process,
 )
+
+from rumor.protocol.constants import CHUNK_SIZE
 
 STOP_KIND = "bench.stop"
 STATS_KIND = "bench.stats"
@@ -187,7 +189,9 @@ class Exchange:
     def start_server(self) -> None:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=_serve, args=(child, MIB, self.torch_threads), daemon=True)
+        self.proc = ctx.Process(
+            target=_serve, args=(child, CHUNK_SIZE, self.torch_threads), daemon=True
+        )
         self.proc.start()
         child.close()
         if not parent.poll(120):
@@ -381,7 +385,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "--reps", type=int, default=5, help=f"timed reps per mode (after {WARMUP_REPS} warm-ups)"
     )
     ap.add_argument(
-        "--chunks", default=str(MIB), help="comma-separated chunk sizes (bytes) to sweep"
+        "--chunks",
+        default=str(CHUNK_SIZE),
+        help="comma-separated chunk sizes (bytes) to sweep (default: the transport's)",
     )
     ap.add_argument(
         "--torch-threads",

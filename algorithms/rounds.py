@@ -14,7 +14,13 @@ from collections.abc import Mapping
 
 import torch
 
-from rumor.algorithms.averaging import check_compatible, gossip_step_, mixable, weighted_average_
+from rumor.algorithms.averaging import (
+    MixScratch,
+    check_compatible,
+    gossip_step_,
+    mixable,
+    weighted_average_,
+)
 from rumor.algorithms.base import Context
 from rumor.algorithms.inbox import RoundInbox
 from rumor.protocol.bundle import Bundle, Message
@@ -106,12 +112,12 @@ def metropolis_row(ctx: Context, received: Mapping[str, Message]) -> tuple[float
 class ModelMixer:
     """``x <- w_ii x + sum_j w_ij x_j`` over a model's tensors, in place, under the model lock.
 
-    Runs through one scratch buffer kept between rounds, so mixing allocates nothing after
-    the first round (:func:`~rumor.algorithms.averaging.gossip_step_`).
+    Runs through scratch kept between rounds, so mixing allocates nothing after the first
+    round (:func:`~rumor.algorithms.averaging.gossip_step_`).
     """
 
     def __init__(self) -> None:
-        self._scratch: dict[str, torch.Tensor] | None = None
+        self._scratch = MixScratch()
 
     async def mix_(
         self, ctx: Context, state: Mapping[str, torch.Tensor], received: Mapping[str, Message]
@@ -123,8 +129,6 @@ class ModelMixer:
             return None
         _, weights = metropolis_row(ctx, received)
         others = [(weights[p], m.bundle.tensors) for p, m in received.items()]  # type: ignore[union-attr]
-        if self._scratch is None:
-            self._scratch = {k: torch.empty_like(v) for k, v in state.items()}
         async with ctx.lock:
             return gossip_step_(state, others, self._scratch)
 

@@ -6,7 +6,12 @@ import math
 
 import torch
 
-from rumor.algorithms.averaging import gossip_step_, squared_distance, weighted_average_
+from rumor.algorithms.averaging import (
+    MixScratch,
+    gossip_step_,
+    squared_distance,
+    weighted_average_,
+)
 from rumor.topology import metropolis_weights
 
 
@@ -22,7 +27,7 @@ def test_gossip_step_is_the_metropolis_hastings_average_and_reports_the_distance
     total = w["y"] + w["z"]
     avg = {k: (w["y"] * y[k] + w["z"] * z[k]) / total for k in x}
     expected_distance = math.sqrt(squared_distance(x, avg))
-    scratch = {k: torch.empty_like(v) for k, v in x.items()}
+    scratch = MixScratch()
     pointers = {k: v.data_ptr() for k, v in x.items()}
     distance = gossip_step_(x, [(w["y"], y), (w["z"], z)], scratch)
     for k in x:
@@ -47,7 +52,7 @@ def test_gossip_preserves_the_network_average_on_a_ring() -> None:
     spread_before = sum(squared_distance(s, mean_before) for s in states)
     snapshot = [{k: v.clone() for k, v in s.items()} for s in states]
     for i, s in enumerate(states):
-        scratch = {k: torch.empty_like(v) for k, v in s.items()}
+        scratch = MixScratch()
         left, right = snapshot[(i - 1) % n], snapshot[(i + 1) % n]
         _, w = metropolis_weights(2, {"l": 2, "r": 2})
         gossip_step_(s, [(w["l"], left), (w["r"], right)], scratch)
@@ -72,7 +77,7 @@ def test_gossip_step_matches_its_formula_for_any_number_of_neighbours_and_weight
         avg = {n: sum(w * o[n] for w, o in others) / total for n in x}
         expected_distance = math.sqrt(squared_distance(x, avg))
         untouched = [{n: t.clone() for n, t in o.items()} for _, o in others]
-        scratch = {n: torch.empty_like(v) for n, v in x.items()}
+        scratch = MixScratch(block=256)  # the 40x30 tensor in blocks, the last one short
         distance = gossip_step_(x, others, scratch)
         for n in x:
             torch.testing.assert_close(x[n], expected[n], rtol=1e-5, atol=1e-5)
@@ -80,3 +85,44 @@ def test_gossip_step_matches_its_formula_for_any_number_of_neighbours_and_weight
             for n in o:
                 assert torch.equal(o[n], before[n])  # inputs are only read
         assert math.isclose(distance, expected_distance, rel_tol=1e-5)
+
+
+def test_blocked_and_whole_tensor_steps_give_bitwise_the_same_model() -> None:
+    """Large tensors go block by block, small ones whole: same bits, same distance."""
+    g = torch.Generator().manual_seed(11)
+
+    def state(seed: int) -> dict[str, torch.Tensor]:
+        h = torch.Generator().manual_seed(seed)
+        return {
+            "w": torch.randn(70, 33, generator=h),
+            "d": torch.randn(500, generator=h, dtype=torch.float64),
+            "h": torch.randn(300, generator=h).to(torch.bfloat16),
+            "t": torch.randn(33, 70, generator=h).t(),  # not contiguous: mixed whole
+            "b": torch.randn(5, generator=h),
+        }
+
+    for k in (1, 2, 3):
+        x = state(100 * k)
+        others = [
+            (float(torch.rand(1, generator=g)) * 0.3 + 0.01, state(100 * k + j + 1))
+            for j in range(k)
+        ]
+        whole, blocks = {n: t.clone() for n, t in x.items()}, {n: t.clone() for n, t in x.items()}
+        blocks["t"] = x["t"].clone().t().contiguous().t()  # keep it non-contiguous
+        d_whole = gossip_step_(whole, others, MixScratch(block=10**9))
+        scratch = MixScratch(block=128)
+        d_blocks = gossip_step_(blocks, others, scratch)
+        assert scratch.blocked(blocks["w"]) and not scratch.blocked(blocks["t"])
+        for n in x:
+            assert torch.equal(whole[n], blocks[n]), n
+        assert math.isclose(d_whole, d_blocks, rel_tol=1e-3)  # bfloat16 norms: ~3 digits
+
+
+def test_gossip_step_reuses_its_scratch_between_rounds() -> None:
+    x, y = _state(5), _state(6)
+    scratch = MixScratch(block=256)
+    gossip_step_(x, [(0.5, y)], scratch)
+    block = scratch.block_of(torch.float32)
+    small = scratch.like("b", x["b"])
+    gossip_step_(x, [(0.5, y)], scratch)
+    assert scratch.block_of(torch.float32) is block and scratch.like("b", x["b"]) is small

@@ -87,6 +87,12 @@ def _flip_byte(frames: list[bytes]) -> list[bytes]:
     return [frames[0], bytes(chunk), *frames[2:]]
 
 
+def _flip_last_byte(frames: list[bytes]) -> list[bytes]:
+    last = bytearray(frames[-1])
+    last[-1] ^= 0xFF
+    return [*frames[:-1], bytes(last)]
+
+
 def _nan_message(node: Node) -> list[bytes]:
     msg = good_message(node)
     first = next(iter(msg.bundle.tensors.values()))  # type: ignore[union-attr]
@@ -130,9 +136,24 @@ CASES = {
     ),
     "oversize": (_oversize, grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds the limit"),
     "truncated stream": (
+        lambda n: frames_of(good_message(n))[:-2],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "payload bytes",
+    ),
+    "stream without its digest": (
         lambda n: frames_of(good_message(n))[:-1],
         grpc.StatusCode.INVALID_ARGUMENT,
-        "truncated",
+        "before its digest frame",
+    ),
+    "corrupted digest frame": (
+        lambda n: _flip_last_byte(frames_of(good_message(n))),
+        grpc.StatusCode.DATA_LOSS,
+        "digest mismatch",
+    ),
+    "short digest frame": (
+        lambda n: [*frames_of(good_message(n))[:-1], b"\x1a\x04abcd"],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "digest frame of 4 bytes",
     ),
     "extra bytes": (
         lambda n: [*frames_of(good_message(n)), framing.chunk_frame(b"xx")],

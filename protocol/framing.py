@@ -237,11 +237,12 @@ def message_to_frames(
 
 def _frames(first: bytes, encoded: codec.EncodedBundle | None, chunk_size: int) -> Iterator[bytes]:
     yield first
-    if encoded is not None and not encoded.header.digest:
-        hasher = xxhash.xxh3_128()
-        for parts in encoded.chunk_parts(chunk_size):
-            yield _hashed_chunk_frame(parts, hasher)
-        yield digest_frame(hasher.digest())
+    if encoded is None or not encoded.total_bytes:
+        return  # an empty payload's digest is in the header
+    hasher = xxhash.xxh3_128()
+    for parts in encoded.chunk_parts(chunk_size):
+        yield _hashed_chunk_frame(parts, hasher)
+    yield digest_frame(hasher.digest())
 
 
 class SharedFrames:

@@ -118,12 +118,15 @@ def gossip_step_(
     (w0, first), rest = ranked[0], ranked[1:]
     c = w0 / total  # scratch = a / c after the sums; c >= 1 / len(others), scaling stays tame
     coefs = [(w / w0, other) for w, other in rest]
-    names = list(state)
-    small = [k for k in names if not scratch.blocked(state[k])]
-    sq = _step_whole(state, small, first, coefs, c, total, scratch) if small else 0.0
-    for k in names:
-        if scratch.blocked(state[k]):
-            sq += _step_blocks(k, state[k], first, coefs, c, total, scratch)
+    small: list[str] = []
+    sq = 0.0
+    for k, x in state.items():
+        if scratch.blocked(x):
+            sq += _step_blocks(k, x, first, coefs, c, total, scratch)
+        else:
+            small.append(k)
+    if small:
+        sq += _step_whole(state, small, first, coefs, c, total, scratch)
     return c * math.sqrt(sq)
 
 

@@ -551,7 +551,7 @@ class BundleDecoder:
             raise Rejected(
                 Code.DATA_LOSS,
                 f"digest mismatch: payload hashes to {actual.hex()}, {source} says "
-                f"{bytes(expected).hex()}",
+                f"{expected.hex()}",
             )
         tensors: dict[str, torch.Tensor] = {}
         for spec, dtype in zip(self.header.tensors, self._dtypes, strict=True):

@@ -24,7 +24,7 @@ from typing import Any
 
 from rumor.algorithms import registry
 from rumor.config import NodeConfig
-from rumor.node import checkpoint
+from rumor.node import checkpoint, lifeline
 from rumor.node.clock import Clock
 from rumor.node.runtime import Node
 from rumor.node.telemetry import from_config as telemetry_from_config
@@ -136,6 +136,7 @@ async def run_node(cfg: NodeConfig, trainer: Any = None) -> dict[str, Any]:
         # Not available off the main thread or on Windows; Ctrl-C still ends the loop there.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, node.request_stop)
+    lifeline.watch(loop, node.request_stop)  # stop when the launcher is gone (if it gave one)
     return await node.run()
 
 

@@ -4,6 +4,8 @@
 ``python -m rumor node --config ...`` in its own session (so a terminal's Ctrl-C reaches only
 the launcher, which then stops the nodes in order), restarts or kills single nodes, and
 always tears everything down: SIGTERM first, SIGKILL for what is left after a grace period.
+Each node also holds a lifeline (:mod:`rumor.node.lifeline`): should the launcher die
+without that teardown, even by SIGKILL, the nodes stop by themselves.
 :class:`Observer` polls the nodes' Status RPCs and pulls their models to measure consensus,
 appending to ``cluster.jsonl`` in the run folder.
 """
@@ -23,6 +25,7 @@ from typing import IO, Any
 
 from rumor import config as config_io
 from rumor.config import NodeConfig
+from rumor.node.lifeline import Lifeline
 
 
 class LocalCluster:
@@ -35,6 +38,7 @@ class LocalCluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: dict[str, IO[bytes]] = {}
         self.restarts: dict[str, int] = dict.fromkeys(self.configs, 0)
+        self._lifeline: Lifeline | None = None
 
     # ----------------------------------------------------------------- files
     def config_path(self, node_id: str) -> Path:
@@ -78,13 +82,17 @@ class LocalCluster:
             MKL_NUM_THREADS="1",
             MALLOC_ARENA_MAX="2",
         )
+        if self._lifeline is None:
+            self._lifeline = Lifeline()
+        # The lifeline's parent-death signal fires when the thread that forks exits: start
+        # nodes from the launcher's main thread (``rumor cluster up`` does), not a worker.
         self.procs[node_id] = subprocess.Popen(
             [self.python, "-m", "rumor", "node", "--config", str(self.config_path(node_id))],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env=env,
+            **self._lifeline.popen_kwargs(env),
         )
         pids = {nid: p.pid for nid, p in self.procs.items()}
         (self.run_dir / "pids.json").write_text(json.dumps(pids, indent=2))
@@ -117,6 +125,9 @@ class LocalCluster:
             self.wait(5.0)
         for log in self._logs.values():
             log.close()
+        if self._lifeline is not None:  # after the orderly stop: what is left stops itself
+            self._lifeline.close()
+            self._lifeline = None
         return self.returncodes()
 
     def __enter__(self) -> LocalCluster:

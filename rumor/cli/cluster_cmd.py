@@ -1,18 +1,23 @@
 """``rumor cluster up``: N real node processes on this machine from one topology spec.
 
 Shows a live table while the cluster runs, survives nodes that crash (they are shown as
-down; the rest go on), and tears every process down on completion or Ctrl-C. The run folder
-keeps each node's config, log and metrics, the observer's ``cluster.jsonl`` and a
-convergence plot.
+down; the rest go on), and tears every process down on completion, Ctrl-C, SIGTERM or
+SIGHUP. The run folder keeps each node's config, log and metrics, the observer's
+``cluster.jsonl`` and a convergence plot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, TypeVar
 
 import typer
 
@@ -20,6 +25,11 @@ from rumor.cli import options
 from rumor.cli.options import FormatOpt, OutputFormat
 
 cluster_app = typer.Typer(help="Local clusters of real node processes.", no_args_is_help=True)
+
+T = TypeVar("T")
+
+#: What stops ``cluster up`` in order: Ctrl-C, ``kill``/``timeout``/CI, a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def register(app: typer.Typer) -> None:
@@ -63,6 +73,12 @@ def up(
 
     With ``--sybils K``, K more processes run one attacker's identities (``--attack``),
     attached to the honest ``--topology`` through ``--attack-edges`` edges.
+
+    Ctrl-C, SIGTERM (kill, timeout, CI) and SIGHUP (a closed terminal) stop every node
+    (SIGTERM, then SIGKILL after 10 s), write summary.json without the plot and exit with
+    128 + the signal number: 130, 143, 129. Nodes also stop by themselves when this
+    command dies any other way, even by SIGKILL. Other exit codes: 0 done, 1 every node
+    failed, 2 bad options.
     """
     from rumor.algorithms.attacks import attacked_configs
     from rumor.cluster import build_graph, free_ports
@@ -105,12 +121,18 @@ def up(
     run_dir = run_dir or Path("runs") / time.strftime("%Y-%m-%dT%H-%M-%S")
     cluster = LocalCluster(configs, run_dir)
     initial_cd = _initial_consensus(configs)
-    try:
-        report = asyncio.run(
-            drive(cluster, refresh, observe_every, timeout, live=fmt == OutputFormat.table)
-        )
-    finally:
-        codes = cluster.stop()
+    progress: dict[str, Any] = {}
+    with StopSignals() as signals:
+        try:
+            run = drive(
+                cluster, refresh, observe_every, timeout, fmt == OutputFormat.table, progress
+            )
+            report = asyncio.run(signals.guard(run))
+        finally:
+            codes = cluster.stop()
+    if signals.received is not None:
+        raise typer.Exit(_stopped(signals.received, report or progress, codes, run_dir, initial_cd))
+    assert report is not None
     report["initial_consensus_distance"] = initial_cd
     report["exit_codes"] = codes
     report["run_dir"] = str(run_dir)
@@ -132,6 +154,87 @@ def up(
             err=True,
         )
         raise typer.Exit(1)
+
+
+class StopSignals:
+    """Turns SIGINT, SIGTERM and SIGHUP into an orderly stop of the run, while in effect.
+
+    The first signal cancels the coroutine given to :meth:`guard` from inside its event loop,
+    so the run stops at an ``await``, never halfway through starting a node; the caller's
+    ``finally`` then stops the nodes. Later signals (a second Ctrl-C) are ignored: the
+    teardown must finish to leave no node behind, and it is bounded by its grace period.
+    The previous handlers come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+        self._task: asyncio.Task[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __enter__(self) -> StopSignals:
+        for sig in STOP_SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    async def guard(self, coro: Coroutine[Any, Any, T]) -> T | None:
+        """``await coro``, or None once a stop signal has cancelled it."""
+        if self.received is not None:
+            coro.close()
+            return None
+        self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if self.received is None:
+                raise
+            return None
+        finally:
+            self._task = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            return
+        self.received = signum
+        if self._task is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+
+
+def _stopped(
+    signum: int,
+    report: dict[str, Any],
+    codes: dict[str, int | None],
+    run_dir: Path,
+    initial_cd: float,
+) -> int:
+    """Write what is known after a stop signal, say so on stderr; the exit code, 128+signum.
+
+    No plot (the caller of ``timeout`` or a CI runner waits, then kills: be quick; ``rumor
+    plot`` draws it later) and nothing on stdout; the line goes straight to file descriptor
+    2, so a closed terminal (SIGHUP) cannot turn the exit into a traceback.
+    """
+    name = signal.Signals(signum).name
+    report = {
+        **report,
+        "stopped_by": name,
+        "initial_consensus_distance": initial_cd,
+        "exit_codes": codes,
+        "run_dir": str(run_dir),
+    }
+    with contextlib.suppress(OSError):
+        (run_dir / "summary.json").write_text(json.dumps(report, indent=2))
+    stopped = sum(code is not None for code in codes.values())
+    left = [nid for nid, code in codes.items() if code is None]
+    line = f"rumor cluster up: stopped by {name}; {stopped} nodes stopped"
+    if left:
+        line += f"; still running: {', '.join(left)}"
+    with contextlib.suppress(OSError):
+        os.write(2, (line + "\n").encode())
+    return 128 + signum
 
 
 def check_partition(dataset: str, partition: str | None, nodes: int, seed: int) -> str:
@@ -176,9 +279,18 @@ def _plot(run_dir: Path) -> Path:
 
 
 async def drive(
-    cluster: Any, refresh: float, observe_every: float, timeout: float, live: bool
+    cluster: Any,
+    refresh: float,
+    observe_every: float,
+    timeout: float,
+    live: bool,
+    progress: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the cluster to completion while showing progress; returns the final report."""
+    """Run the cluster to completion while showing progress; returns the final report.
+
+    ``progress``, if given, holds the report so far after every observation: what is left
+    to write when a signal cuts the run short.
+    """
     from rich.console import Console
     from rich.live import Live
 
@@ -205,6 +317,8 @@ async def drive(
                     if first_cd is None and obs.consensus_distance is not None:
                         first_cd = obs.consensus_distance
                 codes = cluster.returncodes()
+                if progress is not None:
+                    progress.update(_report(cluster, obs, first_cd, started))
                 view = _render(obs, codes, cluster.restarts)
                 if live_ctx is not None:
                     live_ctx.update(view)
@@ -224,6 +338,10 @@ async def drive(
                 live_ctx.stop()
     finally:
         await observer.close()
+    return _report(cluster, obs, first_cd, started)
+
+
+def _report(cluster: Any, obs: Any, first_cd: float | None, started: float) -> dict[str, Any]:
     rows = [r for r in (obs.statuses if obs else []) if "error" not in r]
     return {
         "nodes": len(cluster.configs),

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from rumor.node.lifeline import Lifeline
+
 SUBNET_PREFIX = "10.213"
 NETNS_ETC = Path("/etc/netns")
 
@@ -66,6 +68,7 @@ class Lab:
     _logs: list[IO[bytes]] = field(default_factory=list)
     _namespaces: list[str] = field(default_factory=list)
     _etc_dirs: list[Path] = field(default_factory=list)
+    _lifeline: Lifeline | None = None
 
     @property
     def bridge_ns(self) -> str:
@@ -129,18 +132,26 @@ class Lab:
         return out.returncode == 0
 
     def run(
-        self, host: str, argv: list[str], env: dict[str, str], log: Path
+        self, host: str, argv: list[str], env: dict[str, str], log: Path, lifeline: bool = True
     ) -> subprocess.Popen[bytes]:
-        """Start ``argv`` inside a host's namespace (``ip netns exec`` execs it in place)."""
+        """Start ``argv`` inside a host's namespace (``ip netns exec`` execs it in place).
+
+        With ``lifeline`` a node stops by itself when this process dies without closing the
+        lab (:mod:`rumor.node.lifeline`: the pipe goes through ``ip netns exec`` untouched);
+        call from the main thread, as the parent-death signal follows the forking thread.
+        """
         fh = log.open("ab")
         self._logs.append(fh)
+        if lifeline and self._lifeline is None:
+            self._lifeline = Lifeline()
+        kwargs = self._lifeline.popen_kwargs(env) if lifeline and self._lifeline else {"env": env}
         proc = subprocess.Popen(
             ["ip", "netns", "exec", self.hosts[host].netns, *argv],
             stdout=fh,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=env,
             start_new_session=True,
+            **kwargs,
         )
         self.procs.append(proc)
         return proc
@@ -166,6 +177,9 @@ class Lab:
         finally:
             for fh in self._logs:
                 fh.close()
+            if self._lifeline is not None:
+                self._lifeline.close()
+                self._lifeline = None
             for ns in reversed(self._namespaces):
                 _ip("netns", "del", ns, check=False)
             self._namespaces.clear()

@@ -165,30 +165,133 @@ class Membership:
         make_ping: Callable[[], node_pb2.Ping],
         limit_s: float,
     ) -> list[str]:
-        """Until every neighbour answers once or ``limit_s`` passes; returns the missing."""
+        """Until every neighbour answers once or ``limit_s`` passes; returns the missing.
+
+        :meth:`wait_for_neighbours_why` does the same and also says why each is missing."""
+        return list(await self.wait_for_neighbours_why(transport, make_ping, limit_s))
+
+    async def wait_for_neighbours_why(
+        self,
+        transport: Transport,
+        make_ping: Callable[[], node_pb2.Ping],
+        limit_s: float,
+        *,
+        resolve_timeout_s: float = 5.0,
+    ) -> dict[str, str]:
+        """The start-up wait: each neighbour still missing after it -> its last error.
+
+        An operator needs to see why a neighbour is missing (a mistyped host name, a closed
+        port, a firewall), not only that it is, so the last error of each is kept. Host
+        names are also resolved once, off the event loop and concurrently with the pings,
+        because gRPC words a name that does not resolve vaguely, or as a mere deadline while
+        its resolver backs off. The pings go on regardless: in Kubernetes a peer's DNS record
+        appears only once its pod exists. Simulated nodes (virtual clock) have names, not
+        hosts: nothing is resolved there.
+        """
         loop = asyncio.get_running_loop()
         end = loop.time() + limit_s
+        errors = {nid: f"no answer within {limit_s:g} s" for nid in self.peers}
+        lookups: asyncio.Future[dict[str, str]] | None = None
+        if not self.clock.virtual and limit_s > 0 and self.peers:
+            lookups = asyncio.ensure_future(self._unresolved(min(limit_s, resolve_timeout_s)))
         missing = list(self.peers)
-        while missing and loop.time() < end:
-            results = await asyncio.gather(
-                *(self._answers(transport, make_ping, nid) for nid in missing)
-            )
-            missing = [nid for nid, ok in zip(missing, results, strict=True) if not ok]
-            if missing:
-                await asyncio.sleep(min(0.2, max(0.0, end - loop.time())))
+        unresolved: dict[str, str] = {}
+        try:
+            while missing and loop.time() < end:
+                results = await asyncio.gather(
+                    *(self._answers(transport, make_ping, nid, errors) for nid in missing)
+                )
+                missing = [nid for nid, ok in zip(missing, results, strict=True) if not ok]
+                if missing:
+                    await asyncio.sleep(min(0.2, max(0.0, end - loop.time())))
+            if lookups is not None and missing:
+                unresolved = await lookups
+        finally:
+            if lookups is not None and not lookups.done():
+                lookups.cancel()
+                await asyncio.gather(lookups, return_exceptions=True)
         for nid in missing:
+            # The failed lookup says it best, unless gRPC got past the name later (it
+            # resolved after all, and the connection failed for another reason).
+            if nid in unresolved and _about_the_name(errors[nid]):
+                errors[nid] = unresolved[nid]
             self.on_failure(nid, self.misses)
-        return missing
+        return {nid: errors[nid] for nid in missing}
 
     async def _answers(
-        self, transport: Transport, make_ping: Callable[[], node_pb2.Ping], node_id: str
+        self,
+        transport: Transport,
+        make_ping: Callable[[], node_pb2.Ping],
+        node_id: str,
+        errors: dict[str, str] | None = None,
     ) -> bool:
+        """Whether ``node_id`` answers a ping now; if not, why goes to ``errors[node_id]``."""
         try:
             pong = await transport.ping(self.address_of(node_id), make_ping(), 1.0)
-        except (PeerUnavailable, Rejected):
+        except PeerUnavailable as exc:
+            if errors is not None:
+                errors[node_id] = _peer_detail(exc)
+            return False
+        except Rejected as exc:
+            if errors is not None:
+                errors[node_id] = f"refused: {exc}"
             return False
         if pong.leaving:
             self.on_leave(node_id)
         else:
             self.on_success(node_id, degree=pong.degree, round=pong.round, heartbeat=True)
         return True
+
+    async def _unresolved(self, timeout_s: float) -> dict[str, str]:
+        """Neighbours whose host name does not resolve within ``timeout_s`` -> the reason.
+
+        Each name is looked up once (``loop.getaddrinfo``: a worker thread, the loop never
+        blocks); addresses that are IP literals, or not ``host:port`` at all, are skipped."""
+        import socket
+
+        loop = asyncio.get_running_loop()
+        hosts = {nid: _host_name(p.address) for nid, p in self.peers.items()}
+        names = sorted({h for h in hosts.values() if h is not None})
+
+        async def lookup(host: str) -> str | None:
+            try:
+                await asyncio.wait_for(
+                    loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout_s
+                )
+            except socket.gaierror as exc:
+                return f"cannot resolve host name {host!r}: {exc.strerror or exc}"
+            except asyncio.TimeoutError:
+                return f"cannot resolve host name {host!r}: no answer within {timeout_s:g} s"
+            except (OSError, UnicodeError) as exc:  # e.g. a label too long for IDNA
+                return f"cannot resolve host name {host!r}: {exc}"
+            return None
+
+        found = dict(zip(names, await asyncio.gather(*(lookup(h) for h in names)), strict=True))
+        return {nid: err for nid, h in hosts.items() if h is not None and (err := found[h])}
+
+
+def _host_name(address: str) -> str | None:
+    """The host name to resolve in ``host:port``; None for an IP literal or a bare name
+    (in-process addresses are node names)."""
+    import ipaddress
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return None
+
+
+def _peer_detail(exc: PeerUnavailable) -> str:
+    """The transport's reason, without the ``address:`` prefix PeerUnavailable adds."""
+    return str(exc).removeprefix(f"{exc.peer}: ")
+
+
+def _about_the_name(detail: str) -> bool:
+    """Whether a transport error may come from the host name (or says nothing better)."""
+    text = detail.lower()
+    return any(word in text for word in ("resolv", "dns", "lookup", "deadline", "no answer within"))

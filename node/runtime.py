@@ -301,6 +301,28 @@ class NodeContext:
         log.log(level, f"{self.node_id}: {msg}", *args)
 
 
+class NotEnoughPeers(Exception):
+    """Fewer than ``min_peers`` neighbours answered during the start-up wait.
+
+    Without it a node whose neighbours are all misconfigured trains alone and exits 0, which
+    a supervisor takes for success; refusing to train makes the mistake visible. The message
+    names every missing neighbour, its address and its last error. ``missing`` maps each to
+    ``(address, error)``.
+    """
+
+    def __init__(
+        self, answered: int, needed: int, wait_s: float, missing: dict[str, tuple[str, str]]
+    ) -> None:
+        self.answered = answered
+        self.needed = needed
+        self.missing = missing
+        details = "; ".join(f"{nid} at {addr}: {err}" for nid, (addr, err) in missing.items())
+        super().__init__(
+            f"{answered} of {answered + len(missing)} neighbours answered within the "
+            f"{wait_s:g} s start-up wait, min_peers is {needed}; missing {details}"
+        )
+
+
 class Node:
     """One rumor node. Works unchanged over gRPC or the in-process transport."""
 
@@ -323,6 +345,7 @@ class Node:
         heartbeat_misses: int = HEARTBEAT_MISSES,
         request_timeout_s: float = EXCHANGE_TIMEOUT_S,
         startup_wait_s: float = 30.0,
+        min_peers: int = 0,
         linger_s: float = 0.0,
         telemetry: Telemetry | None = None,
         checkpointer: NodeCheckpointer | None = None,
@@ -341,6 +364,13 @@ class Node:
         self.step_cost_s = step_cost_s
         self.request_timeout_s = request_timeout_s
         self.startup_wait_s = startup_wait_s
+        if not 0 <= min_peers <= len(neighbours):
+            raise ValueError(
+                f"min_peers = {min_peers} must be between 0 and the number of neighbours "
+                f"({len(neighbours)})"
+            )
+        #: Neighbours that must answer in the start-up wait, else NotEnoughPeers (0: none).
+        self.min_peers = min_peers
         self.linger_s = linger_s
         self.stopping = asyncio.Event()
         self.finished = False
@@ -380,14 +410,37 @@ class Node:
         heartbeat: asyncio.Task[None] | None = None
         try:
             missing = await _unless_stopped(
-                self.membership.wait_for_neighbours(
+                self.membership.wait_for_neighbours_why(
                     self.transport, self._ping, self.startup_wait_s
                 ),
                 self.stopping,
-                default=list(self.membership.peers),
+                default={nid: "stopped during the wait" for nid in self.membership.peers},
             )
-            if missing:
-                log.warning("%s: starting without %s", self.node_id, ", ".join(missing))
+            if missing and not self.stopping.is_set():
+                where = {nid: self.membership.address_of(nid) for nid in missing}
+                for nid, error in missing.items():
+                    log.warning(
+                        "%s: neighbour %s at %s unreachable at start-up: %s",
+                        self.node_id,
+                        nid,
+                        where[nid],
+                        error,
+                    )
+                answered = len(self.membership.peers) - len(missing)
+                if answered < self.min_peers:
+                    raise NotEnoughPeers(
+                        answered,
+                        self.min_peers,
+                        self.startup_wait_s,
+                        {nid: (where[nid], error) for nid, error in missing.items()},
+                    )
+                log.warning(
+                    "%s: starting with %d of %d neighbours, without %s",
+                    self.node_id,
+                    answered,
+                    len(self.membership.peers),
+                    ", ".join(missing),
+                )
             heartbeat = asyncio.create_task(
                 self.membership.run(self.transport, self._ping, self.stopping)
             )

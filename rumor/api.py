@@ -112,6 +112,7 @@ def make_node(
         heartbeat_misses=cfg.heartbeat_misses,
         request_timeout_s=cfg.request_timeout,
         startup_wait_s=cfg.startup_wait,
+        min_peers=cfg.min_peers,
         linger_s=cfg.linger,
         # Exporters (Prometheus, trace) measure wall time: real nodes only.
         telemetry=None if simulated else telemetry_from_config(cfg),

@@ -77,6 +77,10 @@ class NodeConfig:
     request_timeout: float = 30.0
     #: How long to wait at start for the neighbours to answer before training anyway (s).
     startup_wait: float = 30.0
+    #: Neighbours that must answer within ``startup_wait``, else the node exits with code 6
+    #: instead of training: a node that never reaches enough neighbours (a mistyped host, a
+    #: closed port) should fail loudly, not train alone and exit 0. 0: start regardless.
+    min_peers: int = 0
     #: Seconds to keep serving after the last round (so slower neighbours can still pull).
     linger: float = 0.0
     torch_threads: int = 1

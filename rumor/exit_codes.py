@@ -27,6 +27,10 @@ class ExitCode(IntEnum):
     CHECKPOINT = 4
     #: The listen address cannot be bound (in use, or not an address of this machine).
     BIND = 5
+    #: Fewer than ``min_peers`` neighbours answered within ``startup_wait``. Often a wrong
+    #: host name or port (fix the config), but neighbours that start late make it transient:
+    #: a restart may help.
+    PEERS = 6
 
 
 def epilog() -> str:
@@ -42,6 +46,7 @@ _DOCS = {
     ExitCode.SECURITY: "unusable security settings (plain text off loopback, missing keys)",
     ExitCode.CHECKPOINT: "checkpoint made with another configuration, or unreadable",
     ExitCode.BIND: "cannot bind the listen address",
+    ExitCode.PEERS: "fewer than min_peers neighbours answered within startup_wait",
 }
 
 

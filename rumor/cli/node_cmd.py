@@ -3,7 +3,8 @@
 Exit codes are :class:`rumor.exit_codes.ExitCode` (listed in ``rumor node --help``): 0 when
 the node finished its rounds or stopped cleanly on SIGTERM/SIGINT; 1 for an unexpected
 failure; 2 for a bad configuration; 3 for unusable security settings; 4 for a checkpoint
-made with another configuration; 5 when the listen address cannot be bound.
+made with another configuration; 5 when the listen address cannot be bound; 6 when fewer than
+``min_peers`` neighbours answered within the start-up wait.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def node(
     eval_every: int = typer.Option(None, "--eval-every"),
     metrics: Path = typer.Option(None, help="Metrics JSON-lines file."),
     linger: float = typer.Option(None, help="Seconds to keep serving after the last round."),
+    min_peers: int = typer.Option(
+        None,
+        "--min-peers",
+        help="Exit with code 6 instead of training when fewer neighbours answer within "
+        "startup_wait (default 0: train with whoever answers).",
+    ),
     metrics_port: int = typer.Option(
         None, "--metrics-port", help="Serve Prometheus /metrics on this port (0: any free)."
     ),
@@ -99,6 +106,7 @@ def node(
             "n_nodes": n_nodes,
             "metrics": str(metrics) if metrics else None,
             "linger": linger,
+            "min_peers": min_peers,
             "metrics_port": metrics_port,
             "trace": str(trace) if trace else None,
             "torch_threads": torch_threads,
@@ -123,6 +131,11 @@ def node(
         for address in [cfg.listen, cfg.advertise, *cfg.peers.values()]:
             if address is not None:
                 check_address(address)
+        if not 0 <= cfg.min_peers <= len(cfg.peers):
+            raise ValueError(
+                f"min_peers = {cfg.min_peers}: must be between 0 and the number of peers "
+                f"({len(cfg.peers)})"
+            )
     except (ValueError, OSError) as exc:
         typer.echo(f"rumor node: bad configuration: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from exc
@@ -131,6 +144,7 @@ def node(
 
     from rumor import api
     from rumor.node.checkpoint import CheckpointError
+    from rumor.node.runtime import NotEnoughPeers
     from rumor.protocol.security import SecurityError
 
     torch.set_num_threads(max(1, cfg.torch_threads))
@@ -141,6 +155,8 @@ def node(
         _fail(cfg.node_id, f"insecure or incomplete security settings: {exc}", ExitCode.SECURITY)
     except CheckpointError as exc:
         _fail(cfg.node_id, f"checkpoint refused: {exc}", ExitCode.CHECKPOINT)
+    except NotEnoughPeers as exc:
+        _fail(cfg.node_id, f"too few neighbours, not training: {exc}", ExitCode.PEERS)
     except (ValueError, KeyError) as exc:
         _fail(cfg.node_id, str(exc), ExitCode.CONFIG)
     except (OSError, RuntimeError) as exc:  # grpc reports a failed bind as RuntimeError

@@ -1,6 +1,7 @@
 """``rumor deploy``: turn one cluster spec into docker-compose, Kubernetes or per-machine launches.
 
-``check`` validates a spec and shows what it describes; ``compose`` writes a compose file and
+``check`` validates a spec (and that its machines' host names resolve) and shows what it
+describes; ``compose`` writes a compose file and
 node configs; ``k8s`` writes a StatefulSet, a headless Service and a ConfigMap; ``hosts``
 prints the command each machine runs (and with ``--out`` writes each machine's configs,
 certificates and systemd units). A spec that cannot be deployed exits 2 with the reason.
@@ -63,9 +64,26 @@ def _warn_missing_tls(spec: ClusterSpec) -> None:
 
 
 @deploy_app.command("check")
-def check_cmd(spec_path: Path = _SPEC_ARG, fmt: OutputFormat = FormatOpt) -> None:
+def check_cmd(
+    spec_path: Path = _SPEC_ARG,
+    fmt: OutputFormat = FormatOpt,
+    resolve: bool = typer.Option(
+        True,
+        "--resolve/--no-resolve",
+        help="Check that every machine address in the spec's hosts table resolves here "
+        "(all looked up at once, a few seconds at most). --no-resolve: checking a spec "
+        "outside the cluster's network. Compose service names and Kubernetes pod names "
+        "resolve only inside their own network, so they are never looked up here.",
+    ),
+) -> None:
     """Validate a spec and show its nodes, edges and placement."""
     spec = _load(spec_path)
+    if resolve:
+        problems = spec.unresolved_hosts()
+        if problems:
+            for problem in problems[:-1]:
+                typer.echo(f"rumor deploy: {problem}", err=True)
+            _fail(problems[-1] + " (--no-resolve skips this check)")
     where = {p.node_id: f"{p.host} ({p.address}:{p.port})" for p in spec.placements}
     report = {
         "name": spec.name,

@@ -45,7 +45,10 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+import socket
 import sys
+import threading
+import time
 import types
 import typing
 from collections.abc import Callable
@@ -68,6 +71,9 @@ DEFAULT_PORT = 50051
 DEFAULT_STATE_DIR = "/var/lib/rumor"
 #: Where `rumor keys` (rumor.keys) writes, relative to its output folder; ``{node}``: node id.
 TLS_DEFAULT_FILES = {"ca": "ca.crt", "cert": "{node}/node.crt", "key": "{node}/node.key"}
+
+#: How long `rumor deploy check` waits for the host-name lookups (all run at once).
+RESOLVE_TIMEOUT_S = 3.0
 
 #: Keys of the spec itself; every other top-level key is a NodeConfig field.
 SPEC_KEYS = (
@@ -238,6 +244,67 @@ class ClusterSpec:
     def _where(self) -> str:
         return str(self.source) if self.source else "cluster spec"
 
+    def unresolved_hosts(self, timeout_s: float = RESOLVE_TIMEOUT_S) -> list[str]:
+        """Problems with the ``[hosts]`` names that nodes dial: one per name that does not
+        resolve on this machine, naming the machine and the nodes on it.
+
+        Only ``[hosts]`` is looked at: it is what ``rumor deploy hosts`` writes into the
+        peers' configs. Compose and Kubernetes give nodes service names that resolve only
+        inside their own network, so they are never resolved here. A name that does not
+        resolve makes the nodes on that machine unreachable, which the nodes alone would
+        only report at start-up, one machine at a time.
+        """
+        on: dict[str, list[str]] = {}
+        for placement in self.placements:
+            on.setdefault(placement.host, []).append(placement.node_id)
+        names = {host: self.hosts[host] for host in on if _needs_lookup(self.hosts[host])}
+        failed = resolve(set(names.values()), timeout_s)
+        return [
+            f"{self._where()}: hosts.{host} = {name!r} ({', '.join(on[host])}) does not "
+            f"resolve: {failed[name]}"
+            for host, name in names.items()
+            if failed.get(name)
+        ]
+
+
+def resolve(names: set[str], timeout_s: float = RESOLVE_TIMEOUT_S) -> dict[str, str | None]:
+    """Look ``names`` up all at once: name -> None when it resolves, else the reason.
+
+    One daemon thread per name, because ``socket.getaddrinfo`` takes no timeout and a
+    resolver that does not answer must neither add up over many names nor keep the process
+    from exiting.
+    """
+    results: dict[str, str | None] = {}
+
+    def lookup(name: str) -> None:
+        try:
+            socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+            results[name] = None
+        except socket.gaierror as exc:
+            results[name] = exc.strerror or str(exc)
+        except (OSError, UnicodeError) as exc:  # e.g. a label too long for IDNA
+            results[name] = str(exc) or type(exc).__name__
+
+    threads = [
+        threading.Thread(target=lookup, args=(n,), name=f"resolve-{n}", daemon=True)
+        for n in sorted(names)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    late = f"no answer from the resolver within {timeout_s:g} s"
+    return {n: results.get(n, late) for n in sorted(names)}
+
+
+def _needs_lookup(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
+
 
 def join_host_port(host: str, port: int) -> str:
     """``host:port``, with IPv6 literals in brackets."""
@@ -302,6 +369,13 @@ def from_dict(data: dict[str, Any], source: Path | None = None) -> ClusterSpec:
     if n is not None and graph.number_of_nodes() != n:
         said = f"n_nodes = {n}" if n_given is not None else f"[nodes] lists {n}"
         fail(f"the topology has {graph.number_of_nodes()} nodes, but {said}")
+    lowest = min(degree for _, degree in graph.degree)
+    min_peers = settings.get("min_peers", 0)
+    if not 0 <= min_peers <= lowest:
+        fail(
+            f"min_peers = {min_peers} must be between 0 and the topology's lowest degree "
+            f"({lowest}): a node with fewer neighbours could never start"
+        )
 
     placements = _placements(nodes_table, hosts, graph.number_of_nodes(), port, fail)
     tls = _tls(data.get("tls"), root, fail)

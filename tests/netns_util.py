@@ -69,6 +69,7 @@ class Lab:
     _namespaces: list[str] = field(default_factory=list)
     _etc_dirs: list[Path] = field(default_factory=list)
     _lifeline: Lifeline | None = None
+    _has_split_bridge: bool = False
 
     @property
     def bridge_ns(self) -> str:
@@ -113,6 +114,31 @@ class Lab:
     def link(self, host: str, up: bool) -> None:
         """Take a host's link (its port on the bridge) down or up."""
         _ip("-n", self.bridge_ns, "link", "set", self.hosts[host].port, "up" if up else "down")
+
+    @property
+    def split_bridge(self) -> str:
+        """The second bridge (in the bridge namespace) that holds one side of a partition."""
+        return "br1"
+
+    def split(self, side: list[str]) -> None:
+        """Partition the LAN in two: the ports of ``side`` move to a second bridge, the others
+        stay on ``br0``. Frames no longer cross between the sides, so open connections hang
+        (no reset) as they would behind a failed switch. Each port keeps its up/down state,
+        so a split composes with :meth:`link`. :meth:`join` undoes it."""
+        if not self._has_split_bridge:
+            _ip("-n", self.bridge_ns, "link", "add", self.split_bridge, "type", "bridge")
+            _ip("-n", self.bridge_ns, "link", "set", self.split_bridge, "up")
+            self._has_split_bridge = True
+        for host in side:
+            _ip("-n", self.bridge_ns, "link", "set", self.hosts[host].port,
+                "master", self.split_bridge)  # fmt: skip
+
+    def join(self) -> None:
+        """Heal a partition: every host's port back on ``br0`` (a no-op without a split)."""
+        if not self._has_split_bridge:
+            return
+        for host in self.hosts.values():
+            _ip("-n", self.bridge_ns, "link", "set", host.port, "master", "br0")
 
     def reachable(self, src: str, dst: str, port: int = 9) -> bool:
         """Whether ``dst`` answers a TCP connect from ``src`` (a refusal counts: it answered)."""

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.rumor-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint format bench proto clean
+.PHONY: install demo test test-slow chaos lint format bench proto clean
 
 install: $(STAMP)
 
@@ -26,6 +26,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# Chaos schedules against a real eight-node cluster in network namespaces (needs root):
+# one line per schedule and a summary (tests/chaos_run.py). SCENARIO: runs of the named
+# scenario per rule.
+SEEDS ?= 5
+SCENARIO ?= 0
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos_run --seeds $(SEEDS) --scenario $(SCENARIO)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

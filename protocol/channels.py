@@ -2,24 +2,70 @@
 in exactly one place.
 
 Options worth knowing: SO_REUSEPORT is off, so two nodes can never silently share a port;
-the HTTP proxy from the environment is ignored, so node traffic goes straight to the peer.
+the HTTP proxy from the environment is ignored, so node traffic goes straight to the peer;
+reconnect backoff is explicit (:class:`Reconnect`), because gRPC's default lets a channel
+wait up to two minutes before it tries a peer that came back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from rumor.protocol.constants import (
+    CONNECT_TIMEOUT_S,
     GRPC_MAX_MESSAGE_BYTES,
     KEEPALIVE_TIME_MS,
     KEEPALIVE_TIMEOUT_MS,
+    RECONNECT_INITIAL_S,
+    RECONNECT_MAX_S,
 )
 
 
-def channel_options(max_message_bytes: int = GRPC_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+@dataclass(frozen=True)
+class Reconnect:
+    """How a channel retries a peer it lost (seconds).
+
+    ``initial_s``: wait before the first retry; the wait grows by gRPC's factor 1.6 (with
+    20 % jitter) up to ``max_s``. ``connect_timeout_s``: the longest one connection attempt
+    (TCP and TLS handshakes) may take. :data:`LAN` is the default; :data:`WAN` suits peers
+    across the Internet, where a handshake takes a few round trips of 100 ms or more and a
+    flood of retries helps nobody.
+    """
+
+    initial_s: float = RECONNECT_INITIAL_S
+    max_s: float = RECONNECT_MAX_S
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_s <= self.max_s:
+            raise ValueError(f"reconnect backoff needs 0 < initial <= max, got {self}")
+        if self.connect_timeout_s <= 0:
+            raise ValueError(f"connect timeout must be > 0, got {self.connect_timeout_s}")
+
+    def options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.initial_reconnect_backoff_ms", _ms(self.initial_s)),
+            ("grpc.max_reconnect_backoff_ms", _ms(self.max_s)),
+            # gRPC names the per-attempt connect deadline "min reconnect backoff"
+            ("grpc.min_reconnect_backoff_ms", _ms(self.connect_timeout_s)),
+        ]
+
+
+LAN = Reconnect()
+WAN = Reconnect(initial_s=1.0, max_s=10.0, connect_timeout_s=10.0)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def channel_options(
+    max_message_bytes: int = GRPC_MAX_MESSAGE_BYTES, reconnect: Reconnect = LAN
+) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -29,6 +75,7 @@ def channel_options(max_message_bytes: int = GRPC_MAX_MESSAGE_BYTES) -> list[tup
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.enable_http_proxy", 0),
         ("grpc.enable_retries", 0),
+        *reconnect.options(),
     ]
 
 
@@ -49,13 +96,14 @@ def make_channel(
     credentials: grpc.ChannelCredentials | None = None,
     extra_options: Sequence[tuple[str, Any]] = (),
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    reconnect: Reconnect = LAN,
 ) -> grpc.aio.Channel:
     """A client channel to one peer; plaintext when ``credentials`` is None.
 
     ``extra_options`` and ``interceptors`` come from :mod:`rumor.protocol.security` (the
     expected peer's TLS name, the cluster token).
     """
-    options = [*channel_options(), *extra_options]
+    options = [*channel_options(reconnect=reconnect), *extra_options]
     if credentials is None:
         return grpc.aio.insecure_channel(
             target, options=options, interceptors=list(interceptors) or None

@@ -36,6 +36,16 @@ GRPC_MAX_MESSAGE_BYTES = MAX_ENVELOPE_BYTES + 1024
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 
+#: Reconnect backoff of a channel whose peer went away (s): the first retry after
+#: ``RECONNECT_INITIAL_S``, growing (gRPC's factor 1.6, with jitter) to ``RECONNECT_MAX_S``;
+#: one connection attempt (TCP and TLS handshakes) may take ``CONNECT_TIMEOUT_S``. gRPC's
+#: own defaults (1 s growing to 120 s, 20 s attempts) keep a healed link unused for up to two
+#: minutes; on a LAN a peer is back within a second of its link. WAN values are in
+#: ``rumor.protocol.channels.WAN``.
+RECONNECT_INITIAL_S = 0.1
+RECONNECT_MAX_S = 1.0
+CONNECT_TIMEOUT_S = 2.0
+
 #: Default per-call deadline for heartbeats and small requests (s).
 SMALL_CALL_TIMEOUT_S = 2.0
 #: Default deadline for an exchange carrying a model (s); large models need more.

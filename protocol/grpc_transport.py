@@ -44,6 +44,8 @@ _EXCHANGE = f"/{GRPC_SERVICE}/Exchange"
 _HEARTBEAT = f"/{GRPC_SERVICE}/Heartbeat"
 _STATUS = f"/{GRPC_SERVICE}/Status"
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+#: Seconds calls on a replaced channel may still run (GrpcTransport.reconnect).
+RECONNECT_GRACE_S = 5.0
 
 
 def _error_from_rpc(peer: str, err: grpc.aio.AioRpcError) -> Exception:
@@ -73,8 +75,10 @@ class GrpcTransport(Transport):
         channel_credentials: grpc.ChannelCredentials | None = None,
         node_id: str = "",
         security: Security | None = None,
+        reconnect: channels.Reconnect = channels.LAN,
     ) -> None:
         super().__init__()
+        self._reconnect = reconnect
         self._listen = listen
         self._advertise = advertise
         self._max_bytes = max_bundle_bytes
@@ -92,6 +96,8 @@ class GrpcTransport(Transport):
         self._service: NodeService | None = None
         self._health: health_aio.HealthServicer | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
+        #: old channels being closed after a reconnect (kept so the tasks are not collected)
+        self._closing: set[asyncio.Task[None]] = set()
         #: id(message) -> (message, its shared frames) while requests carrying it run
         self._sending: dict[int, tuple[Message, framing.SharedFrames]] = {}
         self._bound = ""
@@ -140,6 +146,7 @@ class GrpcTransport(Transport):
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def _serve_exchange(
         self, frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -194,11 +201,26 @@ class GrpcTransport(Transport):
         channel = self._channels.get(peer)
         if channel is None:
             if self._security is not None:
-                channel = self._security.make_channel(peer)
+                channel = self._security.make_channel(peer, self._reconnect)
             else:
-                channel = channels.make_channel(peer, self._channel_credentials)
+                channel = channels.make_channel(
+                    peer, self._channel_credentials, reconnect=self._reconnect
+                )
             self._channels[peer] = channel
         return channel
+
+    def reconnect(self, peer: str) -> None:
+        """Replace the channel to ``peer`` by a fresh one, which dials at once.
+
+        grpc.aio offers no way to reset a channel's reconnect backoff; a new channel has none.
+        Calls still running on the old channel get ``RECONNECT_GRACE_S`` to finish before it
+        is closed.
+        """
+        old = self._channels.pop(peer, None)
+        if old is not None:
+            task = asyncio.ensure_future(old.close(RECONNECT_GRACE_S))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _outgoing(self, msg: Message) -> framing.SharedFrames:
         """The shared encoding of ``msg`` while requests carrying it are in flight: a model

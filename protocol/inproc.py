@@ -19,6 +19,9 @@ from rumor.protocol.errors import Code, PeerUnavailable, Rejected
 from rumor.protocol.transport import NodeService, Transport
 from rumor.protocol.v1 import node_pb2
 
+#: How often a call held by a silent node looks again whether it may pass (s, virtual time).
+SILENT_POLL_S = 0.05
+
 
 @dataclass
 class InProcNetwork:
@@ -30,6 +33,7 @@ class InProcNetwork:
     _nodes: dict[str, InProcTransport] = field(default_factory=dict)
     _down: set[str] = field(default_factory=set)
     _cut: set[frozenset[str]] = field(default_factory=set)
+    _silent: set[str] = field(default_factory=set)
 
     def attach(self, transport: InProcTransport) -> None:
         if transport.address in self._nodes:
@@ -46,6 +50,18 @@ class InProcNetwork:
     def cut(self, a: str, b: str, cut: bool = True) -> None:
         """Cut or restore the link between two nodes."""
         (self._cut.add if cut else self._cut.discard)(frozenset((a, b)))
+
+    def set_silent(self, address: str, silent: bool = True) -> None:
+        """Drop everything to and from a node without an answer, as a dead link does:
+        calls hang until their deadline instead of failing at once (unlike set_down, which
+        is a refused connection)."""
+        (self._silent.add if silent else self._silent.discard)(address)
+
+    async def carry(self, src: str, dst: str) -> None:
+        """Return when a packet from ``src`` gets through to ``dst``: at once, unless one of
+        them is silent, then only once neither is (a call's deadline usually ends it first)."""
+        while src in self._silent or dst in self._silent:
+            await asyncio.sleep(SILENT_POLL_S)
 
     def route(self, src: str, dst: str, serving: bool = True) -> InProcTransport:
         """The endpoint at ``dst`` if ``src`` can reach it (and it serves, if ``serving``)."""
@@ -132,6 +148,7 @@ class InProcTransport(Transport):
 
     async def _request(self, peer: str, msg: Message) -> Message | None:
         net = self._network
+        await net.carry(self._address, peer)
         receiver = net.route(self._address, peer)
         self.stats.messages_out += 1
         self.stats.bytes_out += msg.nbytes
@@ -160,6 +177,7 @@ class InProcTransport(Transport):
 
     async def ping(self, peer: str, ping: node_pb2.Ping, timeout: float) -> node_pb2.Pong:
         async def call() -> node_pb2.Pong:
+            await self._network.carry(self._address, peer)
             receiver = self._network.route(self._address, peer)
             await asyncio.sleep(self._network.latency_s)
             if receiver.service is None:  # it stopped while the ping was in flight

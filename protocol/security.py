@@ -233,7 +233,9 @@ class Security:
     def make_server(self) -> grpc.aio.Server:
         return channels.make_server(self.server_interceptors())
 
-    def make_channel(self, address: str) -> grpc.aio.Channel:
+    def make_channel(
+        self, address: str, reconnect: channels.Reconnect = channels.LAN
+    ) -> grpc.aio.Channel:
         """A channel to ``address``; with TLS the server must prove it is the expected peer."""
         options: list[tuple[str, Any]] = []
         name = self.peer_names.get(address)
@@ -244,6 +246,7 @@ class Security:
             self._channel_credentials(),
             extra_options=options,
             interceptors=self.client_interceptors(),
+            reconnect=reconnect,
         )
 
     def _channel_credentials(self) -> grpc.ChannelCredentials | None:

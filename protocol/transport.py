@@ -72,3 +72,9 @@ class Transport(ABC):
     @abstractmethod
     async def stop(self, grace: float = 1.0) -> None:
         """Stop serving and close every client connection."""
+
+    def reconnect(self, peer: str) -> None:
+        """Forget any failed-connection state towards ``peer``: it is back (it called us), so
+        the next call should dial it at once rather than after a backoff. The default has
+        nothing to forget."""
+        return None

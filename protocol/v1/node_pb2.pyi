@@ -41,36 +41,40 @@ class Frame(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., chunk: _Optional[bytes] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class Ping(_message.Message):
-    __slots__ = ("sender", "address", "protocol_version", "round", "degree", "leaving")
+    __slots__ = ("sender", "address", "protocol_version", "round", "degree", "leaving", "finished")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DEGREE_FIELD_NUMBER: _ClassVar[int]
     LEAVING_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     sender: str
     address: str
     protocol_version: int
     round: int
     degree: int
     leaving: bool
-    def __init__(self, sender: _Optional[str] = ..., address: _Optional[str] = ..., protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ..., leaving: _Optional[bool] = ...) -> None: ...
+    finished: bool
+    def __init__(self, sender: _Optional[str] = ..., address: _Optional[str] = ..., protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ..., leaving: _Optional[bool] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class Pong(_message.Message):
-    __slots__ = ("node_id", "protocol_version", "round", "degree", "alive", "leaving")
+    __slots__ = ("node_id", "protocol_version", "round", "degree", "alive", "leaving", "finished")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DEGREE_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     LEAVING_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     protocol_version: int
     round: int
     degree: int
     alive: _containers.RepeatedScalarFieldContainer[str]
     leaving: bool
-    def __init__(self, node_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ..., alive: _Optional[_Iterable[str]] = ..., leaving: _Optional[bool] = ...) -> None: ...
+    finished: bool
+    def __init__(self, node_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ..., alive: _Optional[_Iterable[str]] = ..., leaving: _Optional[bool] = ..., finished: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

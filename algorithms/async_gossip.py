@@ -11,6 +11,13 @@ the models exactly unchanged even when a node trains while the message is in fli
 
 A "round" here is ``local_steps`` (K) training steps, for metrics and the round budget.
 
+Restarts and the end of a run. A node that starts (or resumes from a checkpoint) more than
+``catch_up_lag`` rounds behind a neighbour adopts the mean model of the neighbours ahead and
+continues from their round (:func:`~rumor.algorithms.rounds.catch_up`), so it neither mixes
+a stale model into the cluster nor trains on long after the others. Partners are drawn from
+every serving neighbour, including those that finished their budget and linger while a
+neighbour still trains (``linger_for_neighbours``): no node ends its run training alone.
+
 Example::
 
     rumor simulate --nodes 32 --topology ring --algorithm async-gossip --param rate=4
@@ -25,6 +32,7 @@ import torch
 
 from rumor.algorithms.averaging import check_compatible, mixable, snapshot
 from rumor.algorithms.base import Context, MixingRule
+from rumor.algorithms.rounds import catch_up
 from rumor.protocol.bundle import Bundle, Message
 from rumor.protocol.errors import Code, PeerUnavailable, Rejected
 
@@ -55,6 +63,9 @@ class AsyncGossip(MixingRule):
         K, training steps per round (a round only paces metrics and the budget).
     exchange_timeout:
         Seconds an exchange may take before it is abandoned.
+    catch_up_lag:
+        Rounds a node may start behind its most advanced neighbour before it adopts the
+        neighbours' models and round instead of its own (checked once, at start).
     """
 
     name = "async-gossip"
@@ -63,19 +74,27 @@ class AsyncGossip(MixingRule):
     checkpointable = True
 
     def __init__(
-        self, rate: float = 2.0, local_steps: int = 1, exchange_timeout: float = 10.0
+        self,
+        rate: float = 2.0,
+        local_steps: int = 1,
+        exchange_timeout: float = 10.0,
+        catch_up_lag: int = 20,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be > 0")
+        if catch_up_lag < 0:
+            raise ValueError("catch_up_lag must be >= 0")
         self.rate = float(rate)
         self.local_steps = int(local_steps)
         self.exchange_timeout = float(exchange_timeout)
+        self.catch_up_lag = int(catch_up_lag)
 
     async def run(self, ctx: Context) -> None:
+        # nonzero after a resume from a checkpoint; far behind the neighbours: join them
+        round = await catch_up(ctx, mixable(ctx.model.state_dict()), ctx.round, self.catch_up_lag)
         done = asyncio.Event()
         gossip = asyncio.ensure_future(self._gossip_loop(ctx, done))
         try:
-            round = ctx.round  # nonzero after a resume from a checkpoint
             while not ctx.should_stop(round):
                 async with ctx.lock:
                     loss = await ctx.compute(ctx.trainer.train_steps, self.local_steps)
@@ -91,7 +110,7 @@ class AsyncGossip(MixingRule):
     async def _gossip_loop(self, ctx: Context, done: asyncio.Event) -> None:
         state = mixable(ctx.model.state_dict())
         async for _ in ctx.clock.poisson_ticks(self.rate, ctx.rng, done.is_set):
-            peers = ctx.neighbors()
+            peers = ctx.serving_neighbors()
             if not peers:
                 continue
             peer = ctx.rng.choice(peers)
@@ -129,4 +148,5 @@ class AsyncGossip(MixingRule):
             "rate": self.rate,
             "local_steps": self.local_steps,
             "exchange_timeout": self.exchange_timeout,
+            "catch_up_lag": self.catch_up_lag,
         }

@@ -12,6 +12,7 @@ import asyncio
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
@@ -19,6 +20,17 @@ import torch
 from rumor.protocol.bundle import Bundle, Message
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PulledModel:
+    """A neighbour's current model as :meth:`Context.pull_model` returns it: the tensors, the
+    round the neighbour is at (rounds it has finished), and whether it finished its budget."""
+
+    peer: str
+    round: int
+    finished: bool
+    tensors: dict[str, torch.Tensor]
 
 
 class Context(Protocol):
@@ -37,7 +49,8 @@ class Context(Protocol):
     round: int
 
     def neighbors(self) -> list[str]:
-        """Neighbours currently believed alive, sorted."""
+        """Neighbours currently believed alive and still running rounds, sorted: those to
+        gossip with and wait for."""
         ...
 
     def all_neighbors(self) -> list[str]:
@@ -46,6 +59,17 @@ class Context(Protocol):
 
     def present_neighbors(self) -> list[str]:
         """Neighbours that have not left: alive, or unreachable for now."""
+        ...
+
+    def serving_neighbors(self) -> list[str]:
+        """Alive neighbours, including those that finished their rounds but still serve (they
+        linger while a neighbour trains): they answer exchanges and pulls, sorted."""
+        ...
+
+    def on_membership_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever a neighbour dies, comes back, leaves, finishes or
+        reports a new round (idempotent per callback): a round waiting on its neighbours
+        re-checks whom it still waits for."""
         ...
 
     @property
@@ -83,6 +107,10 @@ class Context(Protocol):
         """A copy of ``peer``'s current model, or None if it could not be had."""
         ...
 
+    async def pull_model(self, peer: str, timeout: float | None = None) -> PulledModel | None:
+        """``peer``'s current model and the round it is at, or None if it could not be had."""
+        ...
+
     def should_stop(self, round: int) -> bool:
         """True once ``round`` is past the budget or the node is shutting down."""
         ...
@@ -114,6 +142,10 @@ class Context(Protocol):
         ...
 
     async def maybe_evaluate(self, round: int) -> dict[str, Any] | None: ...
+
+    def note(self, event: str, **fields: Any) -> None:
+        """Write a metrics line of ``event`` (e.g. ``catch_up``) with ``fields``."""
+        ...
 
     def log(self, msg: str, *args: Any, level: int = ...) -> None: ...
 

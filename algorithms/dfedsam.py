@@ -32,8 +32,9 @@ Choices, where the paper's box leaves the runtime open:
   of an edge always agree on its weight without agreeing on who is alive.
 * **BatchNorm.** Running means and variances are averaged like parameters;
   ``num_batches_tracked`` stays local (:func:`~rumor.algorithms.averaging.mixable`).
-* **Restarts.** A node that finds every live neighbour more than ``catch_up_lag`` rounds
-  ahead adopts the mean of their current models and jumps to their slowest round.
+* **Restarts.** A node that finds any neighbour more than ``catch_up_lag`` rounds ahead
+  adopts the mean of the current models of those ahead and jumps to their round
+  (:func:`~rumor.algorithms.rounds.catch_up`).
 
 Example::
 
@@ -221,7 +222,9 @@ class DFedSAM(MixingRule):
         }
         outgoing = ctx.message(MODEL_KIND, round=tag, bundle=Bundle(state, meta))
         # Mixing waits for the sends, so the live tensors cannot change while they stream.
-        received = await exchange(ctx, self._inbox, tag, outgoing, self.round_timeout)
+        received = await exchange(
+            ctx, self._inbox, tag, outgoing, self.round_timeout, self.catch_up_lag
+        )
         self._note_missing(ctx, set(ctx.all_neighbors()) - received.keys(), round, step)
         return len(received), await self._mixer.mix_(ctx, state, received)
 

@@ -12,6 +12,13 @@ model did not arrive in time gives its weight to the node itself, so the row sti
 one and a dead or slow peer never stalls the round; this is logged. Rounds are loose: every
 message carries its round, later rounds are kept for later, earlier ones dropped.
 
+Under faults (:mod:`rumor.algorithms.rounds`): a round stops waiting for a neighbour the
+moment membership marks it dead, and its send to that neighbour is cut then too, so a dead
+or cut-off peer costs a round at most the failure-detection time (``heartbeat_period`` x
+``heartbeat_misses``), never ``round_timeout`` per round. A node more than
+``catch_up_lag`` rounds behind any neighbour (restarted, cut off) pulls the models of the
+neighbours ahead and jumps to their round (:func:`~rumor.algorithms.rounds.catch_up`).
+
 Example::
 
     rumor cluster up --nodes 8 --topology ring --algorithm dpsgd --param local_steps=2
@@ -75,7 +82,9 @@ class DPSGD(MixingRule):
             outgoing = ctx.message(
                 MODEL_KIND, round=round, bundle=Bundle(state, {"degree": ctx.degree})
             )
-            received = await exchange(ctx, self._inbox, round, outgoing, self.round_timeout)
+            received = await exchange(
+                ctx, self._inbox, round, outgoing, self.round_timeout, self.catch_up_lag
+            )
             distance = await self._mix(ctx, state, received, round)
             ev = await ctx.maybe_evaluate(round)
             ctx.end_round(

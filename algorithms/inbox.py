@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable, Collection
 
 from rumor.protocol.bundle import Message
 
@@ -24,24 +25,47 @@ class RoundInbox:
         self.dropped_stale = 0
 
     def put(self, msg: Message) -> bool:
-        """Keep ``msg`` for its round; False when its round is already over (or absurd)."""
-        if msg.round < self._floor or msg.round > self._floor + self._horizon:
+        """Keep ``msg`` for its round; False when its round is already over.
+
+        At most ``horizon`` future rounds are held; past that the lowest is dropped. Not the
+        highest: a node far behind its neighbours is about to jump to their round
+        (:func:`rumor.algorithms.rounds.catch_up`), and the messages of that round are the
+        ones it will need.
+        """
+        if msg.round < self._floor:
             self.dropped_stale += 1
             return False
         self._by_round[msg.round][msg.sender] = msg
+        while len(self._by_round) > self._horizon:
+            self.dropped_stale += len(self._by_round.pop(min(self._by_round)))
+        if msg.round not in self._by_round:
+            return False
         self._changed.set()
         return True
 
-    async def gather(self, round: int, peers: list[str], timeout: float) -> dict[str, Message]:
+    def poke(self) -> None:
+        """Make a running :meth:`gather` re-read whom it waits for (the neighbourhood changed:
+        a neighbour died, left, finished or fell behind)."""
+        self._changed.set()
+
+    async def gather(
+        self,
+        round: int,
+        peers: Collection[str] | Callable[[], Collection[str]],
+        timeout: float,
+    ) -> dict[str, Message]:
         """Wait up to ``timeout`` seconds for ``round``'s messages from all of ``peers``.
 
-        Returns every message of that round that arrived (from ``peers`` or anyone else);
-        everything older than ``round`` is dropped afterwards, as is this round's mailbox.
+        ``peers`` may be a function: it is called again whenever a message arrives or
+        :meth:`poke` is called, so a neighbour declared dead mid-round stops being waited for
+        at once. Returns every message of that round that arrived (from ``peers`` or anyone
+        else); everything older than ``round`` is dropped afterwards, as is this round's
+        mailbox.
         """
-        wanted = set(peers)
+        expected = peers if callable(peers) else (lambda: peers)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not wanted <= self._by_round.get(round, {}).keys():
+        while not set(expected()) <= self._by_round.get(round, {}).keys():
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break

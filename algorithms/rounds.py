@@ -5,6 +5,15 @@ messages with a timeout).
 The exchange reuses :class:`~rumor.algorithms.inbox.RoundInbox` (loose rounds: later rounds
 wait, earlier ones are dropped, a missing neighbour is simply missing after the timeout), as
 :mod:`rumor.algorithms.gossip` does. Nothing here decides weights or aggregates.
+
+Faults. A round waits only for neighbours that can answer it: alive (membership), still
+running rounds, and not more than ``lag`` rounds ahead of this node (one far ahead sent
+this round's model long ago or skipped it; this node jumps instead). The set is re-read
+whenever the membership changes, and a send to a neighbour that is marked dead is cut at
+that moment (``Context.request``), so a dead peer costs a round at most the
+failure-detection time.
+:func:`catch_up` is the rule that brings laggards back; its docstring argues why it cannot
+deadlock.
 """
 
 from __future__ import annotations
@@ -74,23 +83,67 @@ def unflatten_(tensors: Mapping[str, torch.Tensor], vector: torch.Tensor) -> Non
         offset += n
 
 
+#: Rounds a neighbour may be ahead of or behind this node and still be waited for; beyond
+#: it the slower side jumps (:func:`catch_up`). Rules expose it as ``catch_up_lag``.
+DEFAULT_LAG = 2
+
+
+def expected_senders(ctx: Context, lag: int = DEFAULT_LAG) -> list[str]:
+    """The neighbours whose model this node's current round should wait for.
+
+    Alive neighbours still running rounds, except those that reported a round more than
+    ``lag`` ahead of this node's. Only a lead excludes: reported rounds come with heartbeats
+    and lag behind the truth, so an old report can understate a lead (this node then waits
+    one heartbeat longer) but never invent one. A neighbour that is behind is waited for:
+    it jumps to this node's round as soon as it hears of it (:func:`catch_up`). When no
+    neighbour is alive the node waits for the present ones (dead for now, not gone), so an
+    isolated node crawls at one round per timeout instead of racing ahead alone on its
+    own data.
+    """
+    mine = ctx.round
+    alive = ctx.neighbors()
+    if not alive:
+        return ctx.present_neighbors()
+    return [p for p in alive if not _ahead(ctx.peer_round(p), mine, lag)]
+
+
+def _ahead(theirs: int | None, mine: int, lag: int) -> bool:
+    return theirs is not None and theirs > mine + lag
+
+
 async def exchange(
-    ctx: Context, inbox: RoundInbox, round: int, outgoing: Message, timeout: float
+    ctx: Context,
+    inbox: RoundInbox,
+    round: int,
+    outgoing: Message,
+    timeout: float,
+    lag: int = DEFAULT_LAG,
 ) -> dict[str, Message]:
     """Send ``outgoing`` to every live neighbour and gather ``round``'s messages.
 
-    Waits up to ``timeout`` seconds for every live neighbour (for every present one when none
-    is alive, so a node does not race ahead alone), keeps only topology neighbours, and
-    returns once its own sends have finished too (so the sent tensors may change again).
+    Waits up to ``timeout`` seconds for :func:`expected_senders` (re-read as the membership
+    changes; a neighbour that comes back mid-round is sent the model then), keeps only
+    topology neighbours, and returns once its own sends have finished too (so the sent
+    tensors may change again); a send to a neighbour marked dead ends then.
+    ``round`` is the inbox's tag (a rule may tag several exchanges per round); who is near
+    is judged on ``ctx.round``, the round neighbours report in heartbeats.
     """
-    peers = ctx.neighbors()
-    sends = [asyncio.ensure_future(ctx.send(p, outgoing)) for p in peers]
+    sends: dict[str, asyncio.Future[bool]] = {}
+
+    def expected() -> list[str]:
+        # A neighbour that came back mid-round gets this round's model too: it may be
+        # waiting for it, as this node now waits for its own.
+        for peer in ctx.neighbors():
+            if peer not in sends:
+                sends[peer] = asyncio.ensure_future(ctx.send(peer, outgoing))
+        return expected_senders(ctx, lag)
+
     known = set(ctx.all_neighbors())
-    wait_for = peers or ctx.present_neighbors()
+    ctx.on_membership_change(inbox.poke)
     try:
-        arrived = await inbox.gather(round, wait_for, timeout)
+        arrived = await inbox.gather(round, expected, timeout)
     finally:
-        await asyncio.gather(*sends)
+        await asyncio.gather(*sends.values())
     return {p: m for p, m in arrived.items() if p in known}
 
 
@@ -134,24 +187,41 @@ class ModelMixer:
 
 
 async def catch_up(ctx: Context, state: dict[str, torch.Tensor], round: int, lag: int) -> int:
-    """The round to continue from; adopts the neighbours' mean model when far behind.
+    """The round to continue from; when far behind, jumps ahead with models that are there.
 
-    When every live neighbour has reported a round more than ``lag`` ahead of ``round`` (the
-    node restarted, or stalled), the node's own model is stale for everyone: it pulls the
-    neighbours' current models, replaces ``state`` (in place) by their mean and returns
-    their slowest round. Otherwise it returns ``round`` and changes nothing.
+    Rule: when **any** serving neighbour (alive, running or finished) reports a round more
+    than ``lag`` ahead of ``round`` (this node restarted, was cut off, or stalled), the node
+    pulls the current model of every such neighbour. Of the pulls that succeed, it keeps
+    those within ``lag`` of the most advanced one, replaces ``state`` (in place) by their
+    mean, and continues from the lowest round among them, a round every model it adopted
+    has actually reached. Otherwise it returns ``round`` and changes nothing. A jump writes
+    a ``catch_up`` metrics line (``from_round``, ``to_round``, ``peers``); the rounds in
+    between have no ``round`` lines.
+
+    Why it cannot deadlock: a jump depends only on neighbours *ahead*, never on those
+    behind, so no set of laggards can hold each other back (a rule that jumps only when
+    every neighbour is ahead lets two adjacent laggards wait for each other for ever). Every
+    round ends within ``round_timeout``, so the most advanced node keeps advancing; a node
+    that hears (by heartbeat) of a neighbour more than ``lag`` ahead stops waiting for it at
+    once (:func:`expected_senders`) and jumps at its next round start, then sends the round
+    its faster neighbours are waiting for. After a heal each node is therefore within
+    ``lag`` of its neighbours after about one heartbeat period and one pull per hop of the
+    graph's diameter.
     """
-    peers = ctx.neighbors()
-    rounds = [ctx.peer_round(p) for p in peers]
-    if not peers or any(r is None for r in rounds):
+    ahead = [p for p in ctx.serving_neighbors() if _ahead(ctx.peer_round(p), round, lag)]
+    if not ahead:
         return round
-    target = min(r for r in rounds if r is not None)
-    if target <= round + lag:
+    pulled = [m for m in await asyncio.gather(*(ctx.pull_model(p) for p in ahead)) if m]
+    pulled = [m for m in pulled if m.round > round + lag]
+    if not pulled:
         return round
-    models = [m for m in await asyncio.gather(*(ctx.pull(p) for p in peers)) if m]
-    if not models:
-        return round
+    top = max(m.round for m in pulled)
+    adopted = [m for m in pulled if m.round >= top - lag]
+    target = min(m.round for m in adopted)
     async with ctx.lock:
-        weighted_average_(state, 0.0, [(1.0 / len(models), m) for m in models])
-    ctx.log("caught up from round %d to %d with %d neighbours' models", round, target, len(models))
+        weighted_average_(state, 0.0, [(1.0 / len(adopted), m.tensors) for m in adopted])
+    peers = [m.peer for m in adopted]
+    ctx.log("caught up from round %d to %d with the models of %s", round, target, ", ".join(peers))
+    ctx.note("catch_up", from_round=round, to_round=target, peers=peers)
+    ctx.round = target  # heartbeats report the new round from now on
     return target

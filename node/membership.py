@@ -1,10 +1,16 @@
 """Membership: who my neighbours are, and which of them are alive.
 
-Neighbours come from the topology. A heartbeat loop pings every neighbour (dead ones too,
-so that a restarted node is taken back as soon as it answers); ``misses`` heartbeats in a row
-without an answer, or one failed exchange, mark a neighbour dead, and rules skip dead
-neighbours instead of waiting on them. A neighbour that says it leaves is dropped at once.
-This module must not know about training or rules.
+Neighbours come from the topology. A heartbeat loop pings every neighbour once per period
+(dead ones too, so that a restarted node is taken back as soon as it answers); ``misses``
+heartbeats in a row without an answer, or one failed exchange, mark a neighbour dead, and
+rules skip dead neighbours instead of waiting on them. A neighbour that says it leaves is
+dropped at once; one that says it finished still answers but is no longer waited for.
+
+Whoever must react the moment the view changes subscribes: :meth:`Membership.lost` gives a
+future that completes when a peer is marked dead or leaves (in-flight sends to it are cut
+there), and :meth:`Membership.subscribe` registers a callback run on every change (a
+round's inbox re-checks whom it still waits for). This module must not know about training
+or rules.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rumor.node.clock import Clock
 from rumor.protocol.constants import HEARTBEAT_MISSES, HEARTBEAT_PERIOD_S
@@ -35,6 +41,10 @@ class PeerInfo:
     round: int | None = None
     #: It said it left (finished or shut down): not expected back until it answers again.
     left: bool = False
+    #: It said it finished its rounds but still serves (it lingers while neighbours train).
+    finished: bool = False
+    #: Completed when the peer is next marked dead or leaves (see Membership.lost).
+    _lost: asyncio.Future[None] | None = field(default=None, repr=False)
 
 
 class Membership:
@@ -56,16 +66,57 @@ class Membership:
         #: Addresses of nodes that are not neighbours (a rule learned them, e.g. from a
         #: membership view): reachable by ``request``, but neither heartbeated nor counted.
         self.contacts: dict[str, str] = {}
+        self._listeners: dict[Callable[[], None], None] = {}
 
     def alive(self) -> list[str]:
+        """Alive neighbours still running rounds: the ones to gossip with and wait for."""
+        return [nid for nid, p in self.peers.items() if p.alive and not p.finished]
+
+    def serving(self) -> list[str]:
+        """Alive neighbours, including those that finished their rounds but still answer."""
         return [nid for nid, p in self.peers.items() if p.alive]
+
+    def all_done(self) -> bool:
+        """Every neighbour has finished its rounds or left (a dead one may still come back)."""
+        return all(p.finished or p.left for p in self.peers.values())
+
+    @property
+    def detection_s(self) -> float:
+        """Longest time a silent neighbour stays alive in this view: ``misses`` periods, plus
+        the ping of the last one (at most one period)."""
+        return self.period_s * (self.misses + 1)
+
+    # --- subscriptions ---------------------------------------------------------------
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Run ``callback()`` after every change of the view (idempotent per callback)."""
+        self._listeners[callback] = None
+
+    def lost(self, node_id: str) -> asyncio.Future[None] | None:
+        """A future completed when ``node_id`` is next marked dead or leaves; None when it is
+        not a neighbour or is not alive now (nothing to watch for)."""
+        peer = self.peers.get(node_id)
+        if peer is None or not peer.alive:
+            return None
+        if peer._lost is None or peer._lost.done():
+            peer._lost = asyncio.get_running_loop().create_future()
+        return peer._lost
+
+    def _changed(self) -> None:
+        for callback in list(self._listeners):
+            callback()
+
+    def _gone(self, peer: PeerInfo) -> None:
+        """``peer`` stopped being alive: wake whoever waits on it."""
+        lost, peer._lost = peer._lost, None
+        if lost is not None and not lost.done():
+            lost.set_result(None)
 
     def all(self) -> list[str]:
         return list(self.peers)
 
     def present(self) -> list[str]:
-        """Neighbours that have not left: alive, or unreachable for now."""
-        return [nid for nid, p in self.peers.items() if not p.left]
+        """Neighbours that have not left or finished: alive, or unreachable for now."""
+        return [nid for nid, p in self.peers.items() if not p.left and not p.finished]
 
     def address_of(self, node_id: str) -> str:
         """Where ``node_id`` listens: a neighbour's address, else a learned contact's."""
@@ -84,6 +135,7 @@ class Membership:
         round: int | None = None,
         *,
         heartbeat: bool = False,
+        finished: bool | None = None,
     ) -> None:
         """``node_id`` answered or wrote to us. Only a heartbeat that does not say "leaving"
         takes back a neighbour that announced it left: an exchange still in flight when it
@@ -94,6 +146,7 @@ class Membership:
         if peer.left and not heartbeat:
             peer.last_seen = self.clock.now()
             return
+        changed = not peer.alive or peer.left
         if not peer.alive:
             log.info("%s: neighbour %s is back", self.node_id, node_id)
         peer.alive = True
@@ -102,8 +155,14 @@ class Membership:
         peer.last_seen = self.clock.now()
         if degree is not None:
             peer.degree = degree
-        if round is not None:
+        if round is not None and round != peer.round:
             peer.round = round
+            changed = True
+        if finished is not None and finished != peer.finished:
+            peer.finished = finished
+            changed = True
+        if changed:
+            self._changed()
 
     def on_failure(self, node_id: str, weight: int = 1) -> None:
         """Count a missed heartbeat (weight 1) or a failed exchange (weight ``misses``)."""
@@ -119,6 +178,8 @@ class Membership:
                 node_id,
                 peer.failures,
             )
+            self._gone(peer)
+            self._changed()
 
     def on_leave(self, node_id: str) -> None:
         peer = self.peers.get(node_id)
@@ -127,6 +188,8 @@ class Membership:
             peer.left = True
             peer.failures = self.misses
             log.info("%s: neighbour %s left", self.node_id, node_id)
+            self._gone(peer)
+            self._changed()
 
     async def probe(
         self, transport: Transport, make_ping: Callable[[], node_pb2.Ping], timeout: float
@@ -142,7 +205,13 @@ class Membership:
             if pong.leaving:
                 self.on_leave(peer.node_id)
             else:
-                self.on_success(peer.node_id, degree=pong.degree, round=pong.round, heartbeat=True)
+                self.on_success(
+                    peer.node_id,
+                    degree=pong.degree,
+                    round=pong.round,
+                    heartbeat=True,
+                    finished=pong.finished,
+                )
 
         await asyncio.gather(*(one(p) for p in self.peers.values()))
 
@@ -152,12 +221,17 @@ class Membership:
         make_ping: Callable[[], node_pb2.Ping],
         stopping: asyncio.Event,
     ) -> None:
-        """Heartbeat until ``stopping`` is set."""
+        """Heartbeat until ``stopping`` is set: one probe per period, whatever its pings take
+        (a ping's deadline is the period, 2 s at most), so a silent neighbour misses one beat
+        per period and is marked dead ``misses`` periods after it fell silent."""
         timeout = max(0.05, min(self.period_s, 2.0))
+        loop = asyncio.get_running_loop()
         while not stopping.is_set():
+            started = loop.time()
             await self.probe(transport, make_ping, timeout)
+            wait = max(0.0, self.period_s - (loop.time() - started))
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.period_s)
+                await asyncio.wait_for(stopping.wait(), wait)
 
     async def wait_for_neighbours(
         self,

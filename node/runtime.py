@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from rumor.algorithms.base import MixingRule
+from rumor.algorithms.base import MixingRule, PulledModel
 from rumor.node.checkpoint import NodeCheckpointer
 from rumor.node.clock import Clock
 from rumor.node.membership import Membership
@@ -45,6 +45,9 @@ log = logging.getLogger("rumor.node")
 #: Node-level reply to a pull (the request kind, PULL_KIND, lives in rumor.node.observe).
 MODEL_KIND = "rumor.model"
 
+
+#: How often a finished, lingering node checks whether its neighbours are done (s).
+LINGER_POLL_S = 0.25
 
 #: Compute jobs measured shorter than this (seconds) run on the event loop (NodeContext.compute).
 INLINE_COMPUTE_S = 0.003
@@ -103,6 +106,12 @@ class NodeContext:
     def present_neighbors(self) -> list[str]:
         return self._node.membership.present()
 
+    def serving_neighbors(self) -> list[str]:
+        return self._node.membership.serving()
+
+    def on_membership_change(self, callback: Callable[[], None]) -> None:
+        self._node.membership.subscribe(callback)
+
     @property
     def degree(self) -> int:
         return len(self._node.membership.peers)
@@ -151,12 +160,24 @@ class NodeContext:
 
     async def pull(self, peer: str, timeout: float | None = None) -> dict[str, torch.Tensor] | None:
         """A copy of ``peer``'s current model (read-only on its side), or None."""
+        pulled = await self.pull_model(peer, timeout)
+        return None if pulled is None else pulled.tensors
+
+    async def pull_model(self, peer: str, timeout: float | None = None) -> PulledModel | None:
+        """``peer``'s current model with the round it is at, or None (logged) on failure."""
         try:
             reply = await self.request(peer, self.message(PULL_KIND), timeout)
         except (PeerUnavailable, Rejected) as exc:
             self.log("pull from %s failed: %s", peer, exc)
             return None
-        return None if reply is None or reply.bundle is None else reply.bundle.tensors
+        if reply is None or reply.bundle is None:
+            return None
+        meta = reply.bundle.meta
+        round = meta.get("round")
+        if not isinstance(round, int) or isinstance(round, bool) or round < 0:
+            self.log("pull from %s: bad round %r", peer, round)
+            return None
+        return PulledModel(peer, round, bool(meta.get("finished")), reply.bundle.tensors)
 
     # --- control -------------------------------------------------------------------------
     @property
@@ -224,8 +245,12 @@ class NodeContext:
             raise PeerUnavailable(peer, "no known address")
         start, t0 = time.time(), time.perf_counter()
         try:
-            reply = await node.transport.request(
-                node.membership.address_of(peer), msg, timeout or node.request_timeout_s
+            reply = await _unless_lost(
+                node.transport.request(
+                    node.membership.address_of(peer), msg, timeout or node.request_timeout_s
+                ),
+                node.membership.lost(peer),
+                peer,
             )
         except (PeerUnavailable, Rejected) as exc:
             error = "unavailable" if isinstance(exc, PeerUnavailable) else "rejected"
@@ -292,6 +317,10 @@ class NodeContext:
             **fields,
         )
 
+    def note(self, event: str, **fields: Any) -> None:
+        """Write one metrics line of ``event`` (a catch-up jump, say) with ``fields``."""
+        self._node.metrics.write(event, **fields)
+
     def seconds_since_round(self) -> float | None:
         """Staleness: seconds on the node's clock since the last round ended (None before)."""
         ended = self.round_ended_at
@@ -347,6 +376,7 @@ class Node:
         startup_wait_s: float = 30.0,
         min_peers: int = 0,
         linger_s: float = 0.0,
+        linger_for_neighbours_s: float = 0.0,
         telemetry: Telemetry | None = None,
         checkpointer: NodeCheckpointer | None = None,
     ) -> None:
@@ -372,8 +402,12 @@ class Node:
         #: Neighbours that must answer in the start-up wait, else NotEnoughPeers (0: none).
         self.min_peers = min_peers
         self.linger_s = linger_s
+        self.linger_for_neighbours_s = linger_for_neighbours_s
         self.stopping = asyncio.Event()
+        #: The round budget is spent (it may still serve, see _linger).
         self.finished = False
+        #: Neighbours have been told it leaves.
+        self.leaving = False
         self.membership = Membership(
             node_id, neighbours, self.clock, heartbeat_period_s, heartbeat_misses
         )
@@ -450,18 +484,14 @@ class Node:
                 self.checkpointer.save(self, "stop" if self.stopping.is_set() else "finished")
                 await self.checkpointer.flush()
             self.finished = True
-            await self._announce_leave()
             self.metrics.write("finished", round=self.ctx.round, **_eval_fields(self.ctx))
-            if self.linger_s > 0 and not self.stopping.is_set():
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), self.linger_s)
+            await self._linger()
         finally:
             self.stopping.set()
             await self.ctx.cancel_tasks()
             if heartbeat is not None:
                 await asyncio.gather(heartbeat, return_exceptions=True)
-            if not self.finished:
-                await self._announce_leave()
+            await self._announce_leave()
             stats = self.transport.stats
             self.metrics.write(
                 "stop",
@@ -479,9 +509,29 @@ class Node:
                 self.executor.shutdown(wait=True)
         return {"node": self.node_id, "round": self.ctx.round, **_eval_fields(self.ctx)}
 
+    async def _linger(self) -> None:
+        """Serve on after the last round (answering exchanges and pulls, heartbeating as
+        ``finished``) for ``linger_s`` seconds, and beyond that while a neighbour still
+        trains, up to ``linger_for_neighbours_s``: a neighbour that restarted or ran slow
+        then finishes with partners instead of training alone. A stop request ends it."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        fixed_end = start + self.linger_s
+        neighbours_end = start + self.linger_for_neighbours_s
+        while not self.stopping.is_set():
+            now = loop.time()
+            waiting_for_neighbours = now < neighbours_end and not self.membership.all_done()
+            if now >= fixed_end and not waiting_for_neighbours:
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), LINGER_POLL_S)
+
     async def _announce_leave(self) -> None:
+        """Tell the live neighbours this node leaves, so none waits for it (once)."""
+        if self.leaving:
+            return
+        self.leaving = True
         ping = self._ping()
-        ping.leaving = True  # also when called just before `finished` is set
 
         async def one(address: str) -> None:
             with contextlib.suppress(PeerUnavailable, Rejected):
@@ -497,15 +547,21 @@ class Node:
             protocol_version=PROTOCOL_VERSION,
             round=self.ctx.round,
             degree=self.ctx.degree,
-            leaving=self.finished or self.stopping.is_set(),
+            leaving=self.leaving or self.stopping.is_set(),
+            finished=self.finished,
         )
 
     async def handle_ping(self, ping: node_pb2.Ping) -> node_pb2.Pong:
         if ping.leaving:
             self.membership.on_leave(ping.sender)
         else:
+            self._seen_again(ping.sender)
             self.membership.on_success(
-                ping.sender, degree=ping.degree, round=ping.round, heartbeat=True
+                ping.sender,
+                degree=ping.degree,
+                round=ping.round,
+                heartbeat=True,
+                finished=ping.finished,
             )
         return node_pb2.Pong(
             node_id=self.node_id,
@@ -513,8 +569,16 @@ class Node:
             round=self.ctx.round,
             degree=self.ctx.degree,
             alive=self.membership.alive(),
-            leaving=self.finished or self.stopping.is_set(),
+            leaving=self.leaving or self.stopping.is_set(),
+            finished=self.finished,
         )
+
+    def _seen_again(self, node_id: str) -> None:
+        """A neighbour this node counts as dead or gone called it: it is back (restarted, or
+        its link healed), so the channel to it dials at once instead of after its backoff."""
+        peer = self.membership.peers.get(node_id)
+        if peer is not None and not peer.alive:
+            self.transport.reconnect(peer.address)
 
     async def handle_message(self, msg: Message) -> Message | None:
         start, t0 = time.time(), time.perf_counter()
@@ -540,6 +604,7 @@ class Node:
                 Code.FAILED_PRECONDITION,
                 f"algorithm {msg.algorithm!r} does not match this node's {self.rule.name!r}",
             )
+        self._seen_again(msg.sender)
         self.membership.on_success(msg.sender)
         try:
             return await self.rule.on_message(self.ctx, msg)
@@ -584,6 +649,33 @@ class Node:
 
 def _or_minus_one(value: float | None) -> float:
     return -1.0 if value is None else value
+
+
+async def _unless_lost(
+    call: Coroutine[Any, Any, T], lost: asyncio.Future[None] | None, peer: str
+) -> T:
+    """``await call``, cut short when ``lost`` completes (membership marked ``peer`` dead or
+    gone): a send to a peer behind a dead link would otherwise hold its caller, and the round
+    waiting on it, for the whole request deadline. Raises PeerUnavailable when cut."""
+    if lost is None:
+        return await call
+    task = asyncio.ensure_future(call)
+    cut = False
+
+    def cancel(_: asyncio.Future[None]) -> None:
+        nonlocal cut
+        cut = not task.done()
+        task.cancel()
+
+    lost.add_done_callback(cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if cut:
+            raise PeerUnavailable(peer, "marked dead while the call was in flight") from None
+        raise
+    finally:
+        lost.remove_done_callback(cancel)
 
 
 async def _unless_stopped(coro: Coroutine[Any, Any, T], stopping: asyncio.Event, default: T) -> T:

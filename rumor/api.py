@@ -28,6 +28,7 @@ from rumor.node import checkpoint, lifeline
 from rumor.node.clock import Clock
 from rumor.node.runtime import Node
 from rumor.node.telemetry import from_config as telemetry_from_config
+from rumor.protocol.channels import Reconnect
 from rumor.protocol.security import Security
 from rumor.protocol.transport import Transport
 
@@ -114,6 +115,7 @@ def make_node(
         startup_wait_s=cfg.startup_wait,
         min_peers=cfg.min_peers,
         linger_s=cfg.linger,
+        linger_for_neighbours_s=cfg.linger_for_neighbours,
         # Exporters (Prometheus, trace) measure wall time: real nodes only.
         telemetry=None if simulated else telemetry_from_config(cfg),
         checkpointer=None if simulated else checkpoint.from_config(cfg),
@@ -129,7 +131,11 @@ async def run_node(cfg: NodeConfig, trainer: Any = None) -> dict[str, Any]:
     security = Security.from_config(cfg)  # SecurityError: plain text off loopback, no keys
     security.announce([cfg.listen, cfg.advertise or "", *cfg.peers.values()])
     transport = GrpcTransport(
-        cfg.listen, advertise=cfg.advertise, node_id=cfg.node_id, security=security
+        cfg.listen,
+        advertise=cfg.advertise,
+        node_id=cfg.node_id,
+        security=security,
+        reconnect=Reconnect(cfg.reconnect_initial, cfg.reconnect_max, cfg.connect_timeout),
     )
     node = make_node(cfg, transport, trainer=trainer)
     loop = asyncio.get_running_loop()

@@ -81,8 +81,18 @@ class NodeConfig:
     #: instead of training: a node that never reaches enough neighbours (a mistyped host, a
     #: closed port) should fail loudly, not train alone and exit 0. 0: start regardless.
     min_peers: int = 0
-    #: Seconds to keep serving after the last round (so slower neighbours can still pull).
+    #: Seconds to keep serving after the last round (observers can still pull).
     linger: float = 0.0
+    #: After its last round, keep serving while a neighbour still trains (until every
+    #: neighbour has finished or left), for at most this many seconds: a neighbour that
+    #: restarted or ran slow finishes with partners instead of training alone. 0: never.
+    linger_for_neighbours: float = 60.0
+    #: Reconnect backoff towards a lost peer (s): first retry, largest wait, and the longest
+    #: one connection attempt may take. The defaults suit a LAN (a healed link or restarted
+    #: peer is used again within a second or two); across the Internet use 1, 10 and 10.
+    reconnect_initial: float = 0.1
+    reconnect_max: float = 1.0
+    connect_timeout: float = 2.0
     torch_threads: int = 1
     log_level: str = "INFO"
     # --- security (rumor.protocol.security; docs/security.md) --------------------------

@@ -209,6 +209,13 @@ class _Context:
         return list(self._peers)
 
     all_neighbors = present_neighbors = neighbors
+    round = 0
+
+    def peer_round(self, peer: str) -> int | None:
+        return None
+
+    def on_membership_change(self, callback: Any) -> None:
+        pass
 
     @property
     def degree(self) -> int:

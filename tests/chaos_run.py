@@ -12,7 +12,8 @@ criteria) and the faults; a summary follows. The definitions are in :mod:`tests.
 
 Exits 1 when any schedule fails, 2 when a fault-free reference does not complete, 130 on
 Ctrl-C (or SIGTERM); prints why and exits 0 when network namespaces are unavailable (not
-root). ``--dry-run`` only prints the schedules.
+root). ``--dry-run`` only prints the schedules; ``--control`` first runs the fault-free
+cluster once more per rule, measured like a schedule (how far two fault-free runs differ).
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--rules", default=",".join(chaos_lab.RULES))
     parser.add_argument("--scenario", type=int, default=0, help="named-scenario runs per rule")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="first run the fault-free cluster once more per rule, measured like a schedule: "
+        "the noise floor of the criteria",
+    )
     parser.add_argument("--short", action="store_true", help="the test suite's ~25 s budget")
     parser.add_argument("--keep", type=Path, help="keep every run's files in this folder")
     parser.add_argument("--dry-run", action="store_true", help="print the schedules only")
@@ -134,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     schedules = [chaos_lab.draw_schedule(s, settings) for s in seeds]
     schedules += [chaos_lab.scenario(s) for s in range(args.scenario)]
+    if args.control:
+        schedules.insert(0, chaos_lab.Schedule("control"))
     if args.dry_run:
         for sched in schedules:
             _say(f"{sched.name:<11} {sched.describe()}")

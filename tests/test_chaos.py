@@ -115,6 +115,17 @@ def test_a_slow_recovery_fails(tmp_path, reference) -> None:
     assert "recovery" in out.failures
 
 
+def test_full_rate_must_hold_for_a_while_but_not_to_the_end(tmp_path, reference) -> None:
+    # heal at 6 s; node 1 stalls 7-9 s (inside the hold: recovery at 9 s), node 2 stalls
+    # 22-24.5 s (after 9 s + FULL_RATE_HOLD_S: no slow recovery, but still a stall)
+    assert 9.0 + chaos_lab.FULL_RATE_HOLD_S < 22.0
+    applied = [(5.0, Action(5.0, "down", (3,))), (6.0, Action(6.0, "up", (3,)))]
+    stalls = {1: (7.0, 9.0), 2: (22.0, 24.5)}
+    out = chaos_lab.analyse(_synthetic(tmp_path / "run", applied, stalls), reference)
+    assert out.recovery_s == pytest.approx(3.0, abs=0.15), out.line()
+    assert out.stall_s == pytest.approx(2.5, abs=0.15) and out.stall_at.startswith("@n2+")
+
+
 def test_a_node_that_stops_for_good_is_a_lockup(tmp_path, reference) -> None:
     applied = [(5.0, Action(5.0, "down", (2,))), (6.0, Action(6.0, "up", (2,)))]
     record = _synthetic(tmp_path / "run", applied, {}, ended=60.0, unfinished=(2,), last={2: 12.0})

@@ -26,10 +26,25 @@ def mixable(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def check_compatible(bundle: Bundle, reference: Mapping[str, torch.Tensor]) -> None:
-    """Refuse a bundle whose tensors do not match ``reference`` by name, shape and dtype."""
+    """Refuse a bundle whose tensors do not match ``reference`` by name, shape and dtype.
+
+    Exactly the reference's names: a missing tensor means the sender's model differs from
+    this node's (FAILED_PRECONDITION); an extra one, with nothing missing, is content the
+    message kind does not define (INVALID_ARGUMENT). Extras are refused rather than ignored
+    so that a peer cannot make a node receive, validate and hold memory it never uses, and
+    so that two nodes whose models differ find out on the first exchange.
+    """
     missing = [k for k in reference if k not in bundle.tensors]
+    extra = [k for k in bundle.tensors if k not in reference]
     if missing:
-        raise Rejected(Code.FAILED_PRECONDITION, f"bundle lacks tensor {missing[0]!r}")
+        detail = f"bundle lacks {_names(missing)}"
+        if extra:
+            detail += f" and has {_names(extra)} that this node's model does not"
+        raise Rejected(Code.FAILED_PRECONDITION, detail)
+    if extra:
+        raise Rejected(
+            Code.INVALID_ARGUMENT, f"bundle has {_names(extra)} that this node's model does not"
+        )
     for name, ref in reference.items():
         got = bundle.tensors[name]
         if got.shape != ref.shape:
@@ -42,6 +57,19 @@ def check_compatible(bundle: Bundle, reference: Mapping[str, torch.Tensor]) -> N
                 Code.FAILED_PRECONDITION,
                 f"tensor {name!r}: dtype {got.dtype} does not match {ref.dtype}",
             )
+
+
+#: Tensor names quoted in one refusal; a bundle of thousands of wrong names stays one line.
+_NAMES_IN_ERRORS = 5
+
+
+def _names(names: list[str]) -> str:
+    """``tensor 'a'`` or ``3 tensors 'a', 'b', 'c'``, at most a few quoted (each shortened)."""
+    quoted = [repr(n if len(n) <= 120 else n[:120] + "...") for n in names[:_NAMES_IN_ERRORS]]
+    listed = ", ".join(quoted)
+    if len(names) > _NAMES_IN_ERRORS:
+        listed += f" and {len(names) - _NAMES_IN_ERRORS} more"
+    return f"tensor {listed}" if len(names) == 1 else f"{len(names)} tensors {listed}"
 
 
 @torch.no_grad()

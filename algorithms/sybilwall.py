@@ -388,20 +388,20 @@ class SybilWall(MixingRule):
         signature, key = self._check(ctx, msg)
         assert msg.bundle is not None
         reference = mixable(ctx.model.state_dict())
-        check_compatible(msg.bundle, reference)
         if self.history_mode == "telescoped":
+            check_compatible(msg.bundle, reference)
             source = {k: msg.bundle.tensors[k] for k in reference}
         else:
-            check_compatible(
-                Bundle(
-                    {
-                        k[len(UPDATE_PREFIX) :]: v
-                        for k, v in msg.bundle.tensors.items()
-                        if k.startswith(UPDATE_PREFIX)
-                    }
-                ),
-                reference,
-            )
+            # the model and, under UPDATE_PREFIX, the update sums: each exactly the model's
+            # tensors (check_compatible refuses extras)
+            model, updates = Bundle(), Bundle()
+            for k, v in msg.bundle.tensors.items():
+                if k.startswith(UPDATE_PREFIX):
+                    updates.tensors[k[len(UPDATE_PREFIX) :]] = v
+                else:
+                    model.tensors[k] = v
+            check_compatible(model, reference)
+            check_compatible(updates, reference)
             source = {k: msg.bundle.tensors[UPDATE_PREFIX + k] for k in reference}
         usable, replaced = self._keys.offer(msg.sender, key, PinSource.DIRECT)
         if replaced:  # records verified with a key learned by gossip are not trusted any more

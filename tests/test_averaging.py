@@ -1,17 +1,22 @@
-"""Averaging helpers: the in-place gossip step matches its formula and allocates nothing new."""
+"""Averaging helpers: the in-place gossip step matches its formula and allocates nothing new;
+a bundle mixes only when its tensors are exactly the model's."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from rumor.algorithms.averaging import (
     MixScratch,
+    check_compatible,
     gossip_step_,
     squared_distance,
     weighted_average_,
 )
+from rumor.protocol.bundle import Bundle
+from rumor.protocol.errors import Code, Rejected
 from rumor.topology import metropolis_weights
 
 
@@ -126,3 +131,36 @@ def test_gossip_step_reuses_its_scratch_between_rounds() -> None:
     small = scratch.like("b", x["b"])
     gossip_step_(x, [(0.5, y)], scratch)
     assert scratch.block_of(torch.float32) is block and scratch.like("b", x["b"]) is small
+
+
+def _refusal(tensors: dict[str, torch.Tensor]) -> Rejected:
+    with pytest.raises(Rejected) as refused:
+        check_compatible(Bundle(tensors), _state(0))
+    return refused.value
+
+
+def test_check_compatible_accepts_exactly_the_models_tensors() -> None:
+    check_compatible(Bundle(_state(1)), _state(0))
+
+
+def test_check_compatible_refuses_extra_tensors_naming_them() -> None:
+    err = _refusal({**_state(1), "extra": torch.zeros(2)})
+    assert err.code == Code.INVALID_ARGUMENT
+    assert "'extra'" in err.detail
+    many = _refusal({**_state(1), **{f"x{i}": torch.zeros(1) for i in range(9)}})
+    assert many.code == Code.INVALID_ARGUMENT
+    assert "9 tensors" in many.detail and "'x0'" in many.detail and "4 more" in many.detail
+    assert "'x8'" not in many.detail  # a flood of names stays one short line
+
+
+def test_check_compatible_refuses_missing_or_mismatched_tensors() -> None:
+    state = _state(1)
+    missing = _refusal({"w": state["w"]})
+    assert missing.code == Code.FAILED_PRECONDITION and "lacks tensor 'b'" in missing.detail
+    renamed = _refusal({"w": state["w"], "bias": state["b"]})
+    assert renamed.code == Code.FAILED_PRECONDITION
+    assert "'b'" in renamed.detail and "'bias'" in renamed.detail
+    shape = _refusal({"w": state["w"][:2], "b": state["b"]})
+    assert shape.code == Code.FAILED_PRECONDITION and "shape" in shape.detail
+    dtype = _refusal({"w": state["w"].double(), "b": state["b"]})
+    assert dtype.code == Code.FAILED_PRECONDITION and "dtype" in dtype.detail

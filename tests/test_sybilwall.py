@@ -12,7 +12,7 @@ from rumor.algorithms import robust
 from rumor.algorithms.attacks import attack_configs, attack_success, sybil_topology
 from rumor.algorithms.averaging import mixable
 from rumor.algorithms.signing import KeyRing, NodeKey, PinSource, record_digest, verify
-from rumor.algorithms.sybilwall import HISTORY_KIND, SybilWall
+from rumor.algorithms.sybilwall import HISTORY_KIND, UPDATE_PREFIX, SybilWall
 from rumor.api import make_node
 from rumor.config import NodeConfig
 from rumor.node.data import get_dataset
@@ -133,8 +133,8 @@ def test_key_ring_lets_direct_contact_replace_a_relayed_key_but_not_the_reverse(
     assert pinned.offer("b", fake, PinSource.DIRECT) == (False, False)
 
 
-def _line_nodes() -> dict[str, object]:
-    """Three real nodes a - b - c on an in-process network (not started)."""
+def _line_nodes(**params: object) -> dict[str, object]:
+    """Three real nodes a - b - c on an in-process network (not started), rule ``params``."""
     network = InProcNetwork()
     peers = {"a": {"b": "b"}, "b": {"a": "a", "c": "c"}, "c": {"b": "b"}}
     nodes = {}
@@ -145,11 +145,40 @@ def _line_nodes() -> dict[str, object]:
             n_nodes=3,
             peers=peers[name],
             algorithm="sybilwall",
+            params=dict(params),
             model="logreg",
             seed=0,
         )
         nodes[name] = make_node(cfg, InProcTransport(network, name))
     return nodes
+
+
+def test_sum_of_local_updates_models_carry_exactly_the_model_and_its_update_sums() -> None:
+    async def scenario() -> None:
+        nodes = _line_nodes(history_mode="sum_of_local_updates")
+        a, b = nodes["a"], nodes["b"]
+        state_a = mixable(a.trainer.model.state_dict())
+        a.rule._start(state_a)
+        model = a.rule.model_message(a.ctx, 0, state_a)
+        names = set(model.bundle.tensors)
+        assert names == set(state_a) | {UPDATE_PREFIX + k for k in state_a}
+        await b.rule.on_message(b.ctx, model)  # accepted: the prefixed sums are not extras
+
+        for extra in ("surplus", UPDATE_PREFIX + "surplus"):
+            tensors = {**model.bundle.tensors, extra: torch.zeros(1)}
+            padded = Message(
+                kind=model.kind,
+                sender="a",
+                round=1,
+                bundle=Bundle(tensors, dict(model.bundle.meta)),
+                algorithm="sybilwall",
+            )
+            with pytest.raises(Rejected) as refused:
+                await b.rule.on_message(b.ctx, padded)
+            assert refused.value.code.name == "INVALID_ARGUMENT"
+            assert "'surplus'" in refused.value.detail
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
 
 
 def test_a_forged_or_altered_relayed_history_is_rejected_and_logged(

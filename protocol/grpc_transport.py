@@ -5,7 +5,10 @@ Exchange is a bidirectional stream of :mod:`~rumor.protocol.framing` frames with
 on each side. Heartbeat and Status are plain unary protobuf calls; the standard gRPC health
 service is served beside them. Channels are reused per peer; calls have deadlines; a peer
 that cannot be reached is retried with backoff and jitter inside the caller's deadline.
-Bad input is answered with a gRPC status that names the problem, and logged.
+Bad input is answered with a gRPC status that names the problem (never ``UNKNOWN``), counted in
+``TransportStats.rejected_in``, and logged without a traceback: one WARNING per peer and
+status code per :data:`REFUSAL_LOG_PERIOD_S` at most (:mod:`rumor.protocol.ratelimit`), so a
+peer that keeps sending garbage cannot flood the log.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -28,8 +32,10 @@ from rumor.protocol.constants import (
     DRAIN_LIMIT_S,
     GRPC_SERVICE,
     MAX_BUNDLE_BYTES,
+    PROTOCOL_VERSION,
 )
 from rumor.protocol.errors import Code, PeerUnavailable, Rejected
+from rumor.protocol.ratelimit import RateLimiter
 from rumor.protocol.retry import Retry
 from rumor.protocol.transport import NodeService, Transport
 from rumor.protocol.v1 import node_pb2
@@ -38,6 +44,7 @@ if TYPE_CHECKING:
     from rumor.protocol.security import Security
 
 log = logging.getLogger("rumor.transport")
+_P = TypeVar("_P", node_pb2.Ping, node_pb2.StatusRequest)
 
 ACK_KIND = "rumor.ack"
 _EXCHANGE = f"/{GRPC_SERVICE}/Exchange"
@@ -46,6 +53,14 @@ _STATUS = f"/{GRPC_SERVICE}/Status"
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 #: Seconds calls on a replaced channel may still run (GrpcTransport.reconnect).
 RECONNECT_GRACE_S = 5.0
+#: Largest Heartbeat or Status request accepted (bytes). An honest Ping is under 300 bytes;
+#: without a bound a caller could make the node parse a 16 MiB message per heartbeat.
+MAX_SMALL_REQUEST_BYTES = 64 << 10
+#: Longest ``Ping.sender`` and ``Ping.address`` accepted (characters).
+MAX_PING_ID_CHARS = 256
+MAX_PING_ADDRESS_CHARS = 1024
+#: Shortest interval between two log lines about refusals of one peer with one code (s).
+REFUSAL_LOG_PERIOD_S = 10.0
 
 
 def _error_from_rpc(peer: str, err: grpc.aio.AioRpcError) -> Exception:
@@ -101,6 +116,8 @@ class GrpcTransport(Transport):
         #: id(message) -> (message, its shared frames) while requests carrying it run
         self._sending: dict[int, tuple[Message, framing.SharedFrames]] = {}
         self._bound = ""
+        #: Which refusals get a log line (one per peer and code per period).
+        self._refusal_log = RateLimiter(REFUSAL_LOG_PERIOD_S)
 
     @property
     def address(self) -> str:
@@ -112,14 +129,14 @@ class GrpcTransport(Transport):
         server = self._security.make_server() if self._security else channels.make_server()
         handlers = {
             "Exchange": grpc.stream_stream_rpc_method_handler(self._serve_exchange),
+            # Requests arrive as bytes and are parsed in the handler: a deserializer that
+            # raises inside grpc answers UNKNOWN and logs a traceback per malformed call.
             "Heartbeat": grpc.unary_unary_rpc_method_handler(
                 self._serve_heartbeat,
-                request_deserializer=node_pb2.Ping.FromString,
                 response_serializer=node_pb2.Pong.SerializeToString,
             ),
             "Status": grpc.unary_unary_rpc_method_handler(
                 self._serve_status,
-                request_deserializer=node_pb2.StatusRequest.FromString,
                 response_serializer=node_pb2.StatusReply.SerializeToString,
             ),
         }
@@ -164,14 +181,8 @@ class GrpcTransport(Transport):
             self.stats.bytes_in += msg.nbytes
             reply = await self._service.handle_message(msg)
         except Rejected as exc:
-            self.stats.rejected_in += 1
-            log.warning(
-                "%s rejected a message from %s (%s): %s",
-                self._node_id or self.address,
-                (msg.sender if msg else None) or context.peer(),
-                exc.code.value,
-                exc.detail,
-            )
+            sender = msg.sender if msg else ""
+            self._log_refusal("a message", sender, context, exc)
             await _drain(frames)
             await context.abort(grpc.StatusCode[exc.code.value], exc.detail)
             return
@@ -185,16 +196,49 @@ class GrpcTransport(Transport):
             yield frame
 
     async def _serve_heartbeat(
-        self, ping: node_pb2.Ping, context: grpc.aio.ServicerContext
+        self, request: bytes, context: grpc.aio.ServicerContext
     ) -> node_pb2.Pong:
         assert self._service is not None
-        return await self._service.handle_ping(ping)
+        try:
+            ping = _parse_ping(request)
+            return await self._service.handle_ping(ping)
+        except Rejected as exc:
+            self._log_refusal("a Heartbeat", "", context, exc)
+            await context.abort(grpc.StatusCode[exc.code.value], exc.detail)
 
     async def _serve_status(
-        self, request: node_pb2.StatusRequest, context: grpc.aio.ServicerContext
+        self, request: bytes, context: grpc.aio.ServicerContext
     ) -> node_pb2.StatusReply:
         assert self._service is not None
+        try:
+            _parse_small(node_pb2.StatusRequest, request)
+        except Rejected as exc:
+            self._log_refusal("a Status request", "", context, exc)
+            await context.abort(grpc.StatusCode[exc.code.value], exc.detail)
         return self._service.status()
+
+    def _log_refusal(
+        self, what: str, sender: str, context: grpc.aio.ServicerContext, exc: Rejected
+    ) -> None:
+        """Count a refusal and log it, at most once per peer and code per period.
+
+        The key is the sender's claimed id when the message got that far, else the caller's
+        host (its port changes with every connection, so it would not limit anything).
+        """
+        self.stats.rejected_in += 1
+        peer = context.peer() or "unknown"
+        held = self._refusal_log.allow((sender or _host_of(peer), exc.code.value))
+        if held is None:
+            return
+        log.warning(
+            "%s rejected %s from %s (%s): %s%s",
+            self._node_id or self.address,
+            what,
+            sender or peer,
+            exc.code.value,
+            exc.detail,
+            f" [{held} more refusals of this peer and code not logged]" if held else "",
+        )
 
     # ----------------------------------------------------------------- client side
     def channel(self, peer: str) -> grpc.aio.Channel:
@@ -293,6 +337,56 @@ class GrpcTransport(Transport):
             return await call(node_pb2.StatusRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as err:
             raise _error_from_rpc(peer, err) from None
+
+
+def _parse_small(cls: type[_P], request: bytes) -> _P:
+    """``request`` parsed as ``cls`` (a unary request); Rejected when too large or malformed."""
+    if len(request) > MAX_SMALL_REQUEST_BYTES:
+        raise Rejected(
+            Code.RESOURCE_EXHAUSTED,
+            f"{cls.__name__} of {len(request)} bytes exceeds the limit of "
+            f"{MAX_SMALL_REQUEST_BYTES}",
+        )
+    message = cls()
+    try:
+        message.ParseFromString(request)
+    except DecodeError as exc:
+        raise Rejected(Code.INVALID_ARGUMENT, f"malformed {cls.__name__}: {exc}") from None
+    return message
+
+
+def _parse_ping(request: bytes) -> node_pb2.Ping:
+    """A Heartbeat's Ping, checked: a version this node speaks (0: not set), sane sizes."""
+    ping = _parse_small(node_pb2.Ping, request)
+    if ping.protocol_version not in (0, PROTOCOL_VERSION):
+        raise Rejected(
+            Code.FAILED_PRECONDITION,
+            f"protocol version {ping.protocol_version} not supported (this node speaks "
+            f"{PROTOCOL_VERSION})",
+        )
+    if len(ping.sender) > MAX_PING_ID_CHARS:
+        raise Rejected(
+            Code.INVALID_ARGUMENT,
+            f"Ping sender of {len(ping.sender)} characters; the limit is {MAX_PING_ID_CHARS}",
+        )
+    if len(ping.address) > MAX_PING_ADDRESS_CHARS:
+        raise Rejected(
+            Code.INVALID_ARGUMENT,
+            f"Ping address of {len(ping.address)} characters; the limit is "
+            f"{MAX_PING_ADDRESS_CHARS}",
+        )
+    if ping.round < 0:
+        raise Rejected(Code.INVALID_ARGUMENT, f"Ping round {ping.round} is negative")
+    return ping
+
+
+def _host_of(peer: str) -> str:
+    """The host part of a gRPC peer string (``ipv4:10.0.0.2:5555`` -> ``10.0.0.2``)."""
+    kind, sep, rest = peer.partition(":")
+    if not sep or kind not in ("ipv4", "ipv6"):
+        return peer
+    host, sep, port = rest.rpartition(":")
+    return host if sep and port.isdigit() else rest
 
 
 async def _drain(frames: AsyncIterator[bytes]) -> None:

@@ -1,10 +1,11 @@
-"""A node answers malformed input with a gRPC status naming the problem, logs it, stays up,
-and keeps its model untouched."""
+"""A node answers malformed input with a gRPC status naming the problem, logs it (without a
+traceback, rate-limited), stays up, and keeps its model untouched."""
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 
 import grpc
 import pytest
@@ -16,9 +17,10 @@ from rumor.node.runtime import Node
 from rumor.node.trainer import Trainer
 from rumor.protocol import framing
 from rumor.protocol.bundle import Bundle, Message
-from rumor.protocol.grpc_transport import GrpcTransport
+from rumor.protocol.grpc_transport import MAX_SMALL_REQUEST_BYTES, GrpcTransport
 from rumor.protocol.v1 import node_pb2
 from tests.conftest import run
+from tests.test_transport_conformance import EchoService
 
 LIMIT = 1 << 20
 
@@ -118,6 +120,12 @@ def _wrong_shape_model(node: Node) -> list[bytes]:
     return frames_of(msg)
 
 
+def _extra_tensor(node: Node) -> list[bytes]:
+    msg = good_message(node)
+    msg.bundle.tensors["surplus"] = torch.zeros(3)  # type: ignore[union-attr]
+    return frames_of(msg)
+
+
 CASES = {
     "unknown dtype": (
         lambda n: with_envelope(frames_of(good_message(n)), _unknown_dtype),
@@ -169,6 +177,7 @@ CASES = {
     ),
     "garbage frame": (lambda n: [b"\xff\x01\x02"], grpc.StatusCode.INVALID_ARGUMENT, "tag"),
     "model of another shape": (_wrong_shape_model, grpc.StatusCode.FAILED_PRECONDITION, "shape"),
+    "model with an extra tensor": (_extra_tensor, grpc.StatusCode.INVALID_ARGUMENT, "'surplus'"),
     "another algorithm": (
         lambda n: frames_of(good_message(n, algorithm="dadao")),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -201,3 +210,152 @@ def test_malformed_input_is_refused_and_the_node_survives(case: str, caplog) -> 
             await node.transport.stop()
 
     run(go())
+
+
+# --------------------------------------------------------------- Heartbeat and Status
+
+#: Request bodies no Ping or StatusRequest parses from: a bad tag, a truncated length, a
+#: truncated varint, an end-group without a start, groups nested past the parser's limit.
+GARBAGE = {
+    "bad tag": b"\xff\xff\xff",
+    "truncated string": b"\x0a\x05ab",
+    "truncated varint": b"\x18\xff",
+    "stray end-group": b"\x0c",
+    "deep groups": b"\x0b" * 200,
+}
+
+ALLOWED = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+async def unary_raw(address: str, method: str, body: bytes) -> tuple[grpc.StatusCode, str]:
+    """Call ``method`` with ``body`` as the serialized request, as a fuzzer would."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(f"/rumor.v1.Node/{method}")
+        try:
+            await call(body, timeout=5.0)
+        except grpc.aio.AioRpcError as err:
+            return err.code(), err.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    bad = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+@pytest.mark.parametrize("method", ["Heartbeat", "Status"])
+def test_garbage_unary_requests_answer_invalid_argument_without_a_traceback(
+    method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def go() -> None:
+        server = GrpcTransport(node_id="server")
+        address = await server.start(EchoService())
+        try:
+            for name, body in GARBAGE.items():
+                code, detail = await unary_raw(address, method, body)
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (name, code, detail)
+                assert "malformed" in detail, (name, detail)
+            code, detail = await unary_raw(address, method, bytes(MAX_SMALL_REQUEST_BYTES + 1))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "exceeds" in detail
+            assert server.stats.rejected_in == len(GARBAGE) + 1
+            # one line per peer and status code, however many refusals
+            lines = [r for r in caplog.records if "server rejected" in r.getMessage()]
+            assert len(lines) == 2, [r.getMessage() for r in lines]
+            # a well-formed request still works
+            code, _ = await unary_raw(
+                address, method, node_pb2.Ping(sender="c").SerializeToString()
+            )
+            assert code == grpc.StatusCode.OK
+        finally:
+            await server.stop()
+
+    with caplog.at_level(logging.DEBUG):
+        run(go())
+    _no_tracebacks(caplog)
+
+
+def test_heartbeat_refuses_another_protocol_version_and_oversized_fields(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cases = {
+        "version": (
+            node_pb2.Ping(sender="c", protocol_version=1),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "protocol version 1",
+        ),
+        "long sender": (
+            node_pb2.Ping(sender="x" * 257),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "sender",
+        ),
+        "long address": (
+            node_pb2.Ping(sender="c", address="a" * 1025),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "address",
+        ),
+        "negative round": (
+            node_pb2.Ping(sender="c", round=-1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "round",
+        ),
+    }
+
+    async def go() -> None:
+        server = GrpcTransport(node_id="server")
+        address = await server.start(EchoService())
+        try:
+            for name, (ping, want, words) in cases.items():
+                code, detail = await unary_raw(address, "Heartbeat", ping.SerializeToString())
+                assert code == want and words in detail, (name, code, detail)
+            current = node_pb2.Ping(sender="c", protocol_version=2, round=3)
+            code, _ = await unary_raw(address, "Heartbeat", current.SerializeToString())
+            assert code == grpc.StatusCode.OK
+        finally:
+            await server.stop()
+
+    with caplog.at_level(logging.DEBUG):
+        run(go())
+    _no_tracebacks(caplog)
+
+
+def test_fuzzed_unary_requests_never_answer_unknown(caplog: pytest.LogCaptureFixture) -> None:
+    rng = random.Random(13)
+    seeds = [
+        node_pb2.Ping(sender="c", address="127.0.0.1:1", round=4, degree=2).SerializeToString()
+    ]
+
+    def fuzzed() -> bytes:
+        if rng.random() < 0.5:
+            return rng.randbytes(rng.randrange(0, 64))
+        body = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 4)):
+            body[rng.randrange(len(body))] = rng.randrange(256)
+        return bytes(body[: rng.randrange(len(body) + 1)])
+
+    async def go() -> None:
+        server = GrpcTransport(node_id="server")
+        address = await server.start(EchoService())
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                for i in range(300):
+                    method = "Heartbeat" if i % 2 else "Status"
+                    call = channel.unary_unary(f"/rumor.v1.Node/{method}")
+                    try:
+                        await call(fuzzed(), timeout=5.0)
+                        code = grpc.StatusCode.OK
+                    except grpc.aio.AioRpcError as err:
+                        code = err.code()
+                    assert code in ALLOWED, (method, code)
+        finally:
+            await server.stop()
+        refusals = [r for r in caplog.records if "server rejected" in r.getMessage()]
+        assert len(refusals) <= 8  # a few (method's host, code) keys, not one per call
+
+    with caplog.at_level(logging.DEBUG):
+        run(go())
+    _no_tracebacks(caplog)

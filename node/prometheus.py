@@ -1,18 +1,21 @@
 """Prometheus metrics of one node, served on an opt-in HTTP port (``/metrics``).
 
 Every node owns its :class:`~prometheus_client.CollectorRegistry` (never the process-wide
-default), so several nodes in one process export side by side without clashing. Two kinds of
-series:
+default), so several nodes in one process export side by side without clashing. Names
+follow Prometheus's conventions: base units (bytes, seconds), the unit as the last word
+before ``_total``, ``_total`` on counters, ``_ratio`` on ratios, and a timestamp rather than
+an age for "when did it last happen" (Prometheus records scrape times itself; compute the
+age as ``time() - rumor_last_round_timestamp_seconds``). Two kinds of series:
 
 * counted as they happen, per neighbour (``peer`` label) and message kind:
   ``rumor_requests_total``, ``rumor_request_failures_total{reason}``,
-  ``rumor_request_seconds`` (round trip, a histogram), ``rumor_peer_bytes_sent_total``,
-  ``rumor_peer_bytes_received_total``, ``rumor_messages_received_total``;
-* read from the node when scraped: ``rumor_round``, ``rumor_loss``, ``rumor_accuracy``,
-  ``rumor_seconds_since_round`` (staleness), ``rumor_bytes_in_total`` /
-  ``rumor_bytes_out_total`` / ``rumor_exchanges_total`` / ``rumor_rejected_total`` (the
-  same counters ``rumor status`` shows), ``rumor_peer_alive`` and
-  ``rumor_peer_last_seen_seconds``.
+  ``rumor_request_seconds`` (round trip, a histogram), ``rumor_peer_sent_bytes_total``,
+  ``rumor_peer_received_bytes_total``, ``rumor_messages_received_total``, and
+  ``rumor_last_round_timestamp_seconds`` (set when a round ends);
+* read from the node when scraped: ``rumor_round``, ``rumor_loss``, ``rumor_accuracy_ratio``,
+  ``rumor_finished``, ``rumor_received_bytes_total`` / ``rumor_sent_bytes_total`` /
+  ``rumor_exchanges_total`` / ``rumor_rejected_total`` (the same counters ``rumor status``
+  shows), ``rumor_peer_alive`` and ``rumor_peer_last_seen_seconds``.
 
 Senders that are not neighbours (observers, the CLI) share the label ``peer="other"``: label
 values never come from the wire unchecked, so a peer cannot grow the series without bound.
@@ -72,13 +75,13 @@ class PrometheusTelemetry(Telemetry):
             registry=r,
         )
         self.sent = Counter(
-            "rumor_peer_bytes_sent",
+            "rumor_peer_sent_bytes",
             "Payload bytes sent to a neighbour (requests made and answers given).",
             ["peer"],
             registry=r,
         )
         self.received = Counter(
-            "rumor_peer_bytes_received",
+            "rumor_peer_received_bytes",
             "Payload bytes received from a neighbour (answers and incoming messages).",
             ["peer"],
             registry=r,
@@ -89,6 +92,8 @@ class PrometheusTelemetry(Telemetry):
             labels,
             registry=r,
         )
+        #: Unix time at which the node last finished a round; None before the first one.
+        self.last_round_at: float | None = None
         self.registry.register(_NodeState(self))
 
     # ------------------------------------------------------------------ lifecycle
@@ -145,6 +150,11 @@ class PrometheusTelemetry(Telemetry):
         self.received.labels(label).inc(received)
         self.sent.labels(label).inc(replied)
 
+    def on_round(self, round: int, loss: float | None, accuracy: float | None) -> None:
+        # Wall time, not the node's clock (which counts from its start): a timestamp can be
+        # compared with Prometheus's own time() and with other nodes'.
+        self.last_round_at = time.time()
+
 
 class _NodeState(Collector):
     """Gauges and totals read from the node at scrape time."""
@@ -163,25 +173,30 @@ class _NodeState(Collector):
         yield _gauge("rumor_round", "Rounds (or events) the node has finished.", ctx.round)
         yield _gauge("rumor_loss", "Training loss of the last round.", _num(ctx.last_loss))
         yield _gauge(
-            "rumor_accuracy",
-            "Test accuracy of the last evaluation.",
+            "rumor_accuracy_ratio",
+            "Test accuracy of the last evaluation (0 to 1).",
             _num(ctx.last_eval.get("accuracy")),
         )
-        since = ctx.seconds_since_round()
         yield _gauge(
-            "rumor_seconds_since_round",
-            "Seconds since the node last finished a round (staleness); NaN before the first.",
-            math.nan if since is None else since,
+            "rumor_last_round_timestamp_seconds",
+            "Unix time at which the node last finished a round (or event); NaN before the "
+            "first. Staleness: time() - this.",
+            _num(self.owner.last_round_at),
         )
         yield _gauge("rumor_finished", "1 once the node has spent its round budget.", node.finished)
         stats = node.transport.stats
         for name, value, doc in (
-            ("rumor_bytes_in_total", stats.bytes_in, "Payload bytes received (all traffic)."),
-            ("rumor_bytes_out_total", stats.bytes_out, "Payload bytes sent (all traffic)."),
-            ("rumor_exchanges_total", ctx.exchanges, "Requests to neighbours that succeeded."),
-            ("rumor_rejected_total", stats.rejected_in, "Incoming messages refused."),
+            ("rumor_received_bytes", stats.bytes_in, "Payload bytes received (all traffic)."),
+            ("rumor_sent_bytes", stats.bytes_out, "Payload bytes sent (all traffic)."),
+            ("rumor_exchanges", ctx.exchanges, "Requests to neighbours that succeeded."),
+            (
+                "rumor_rejected",
+                stats.rejected_in,
+                "Incoming requests refused (malformed or unacceptable messages, heartbeats, "
+                "status requests).",
+            ),
         ):
-            yield CounterMetricFamily(name[: -len("_total")], doc, value=float(value))
+            yield CounterMetricFamily(name, doc, value=float(value))
         alive = GaugeMetricFamily(
             "rumor_peer_alive", "1 if the neighbour is believed alive.", labels=["peer"]
         )
@@ -197,7 +212,6 @@ class _NodeState(Collector):
             seen.add_metric([peer.node_id], math.nan if last is None else now - last)
         yield alive
         yield seen
-        yield _gauge("rumor_scrape_timestamp_seconds", "Wall time of this scrape.", time.time())
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -222,9 +222,7 @@ class DFedSAM(MixingRule):
         }
         outgoing = ctx.message(MODEL_KIND, round=tag, bundle=Bundle(state, meta))
         # Mixing waits for the sends, so the live tensors cannot change while they stream.
-        received = await exchange(
-            ctx, self._inbox, tag, outgoing, self.round_timeout, self.catch_up_lag
-        )
+        received = await exchange(ctx, self._inbox, tag, outgoing, self.round_timeout)
         self._note_missing(ctx, set(ctx.all_neighbors()) - received.keys(), round, step)
         return len(received), await self._mixer.mix_(ctx, state, received)
 

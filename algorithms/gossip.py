@@ -82,9 +82,7 @@ class DPSGD(MixingRule):
             outgoing = ctx.message(
                 MODEL_KIND, round=round, bundle=Bundle(state, {"degree": ctx.degree})
             )
-            received = await exchange(
-                ctx, self._inbox, round, outgoing, self.round_timeout, self.catch_up_lag
-            )
+            received = await exchange(ctx, self._inbox, round, outgoing, self.round_timeout)
             distance = await self._mix(ctx, state, received, round)
             ev = await ctx.maybe_evaluate(round)
             ctx.end_round(

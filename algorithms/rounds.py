@@ -6,11 +6,11 @@ The exchange reuses :class:`~rumor.algorithms.inbox.RoundInbox` (loose rounds: l
 wait, earlier ones are dropped, a missing neighbour is simply missing after the timeout), as
 :mod:`rumor.algorithms.gossip` does. Nothing here decides weights or aggregates.
 
-Faults. A round waits only for neighbours that can answer it: alive (membership), still
-running rounds, and not more than ``lag`` rounds ahead of this node (one far ahead sent
-this round's model long ago or skipped it; this node jumps instead). The set is re-read
-whenever the membership changes, and a send to a neighbour that is marked dead is cut at
-that moment (``Context.request``), so a dead peer costs a round at most the
+Faults. A round waits only for neighbours that can still send it something: alive
+(membership), still running rounds, and not past this round (a neighbour that has moved on
+finished its sends of this round before it did: what it sent is in the inbox already). The
+set is re-read whenever the membership changes, and a send to a neighbour that is marked
+dead is cut at that moment (``Context.request``), so a dead peer costs a round at most the
 failure-detection time.
 :func:`catch_up` is the rule that brings laggards back; its docstring argues why it cannot
 deadlock.
@@ -83,28 +83,24 @@ def unflatten_(tensors: Mapping[str, torch.Tensor], vector: torch.Tensor) -> Non
         offset += n
 
 
-#: Rounds a neighbour may be ahead of or behind this node and still be waited for; beyond
-#: it the slower side jumps (:func:`catch_up`). Rules expose it as ``catch_up_lag``.
-DEFAULT_LAG = 2
-
-
-def expected_senders(ctx: Context, lag: int = DEFAULT_LAG) -> list[str]:
+def expected_senders(ctx: Context) -> list[str]:
     """The neighbours whose model this node's current round should wait for.
 
-    Alive neighbours still running rounds, except those that reported a round more than
-    ``lag`` ahead of this node's. Only a lead excludes: reported rounds come with heartbeats
-    and lag behind the truth, so an old report can understate a lead (this node then waits
-    one heartbeat longer) but never invent one. A neighbour that is behind is waited for:
-    it jumps to this node's round as soon as it hears of it (:func:`catch_up`). When no
-    neighbour is alive the node waits for the present ones (dead for now, not gone), so an
-    isolated node crawls at one round per timeout instead of racing ahead alone on its
-    own data.
+    Alive neighbours still running rounds, except those that reported a round past this
+    node's. A round ends only after its sends have ended, so a neighbour that has moved on
+    has delivered all it will ever send for this round; waiting for more is waiting for
+    nothing. Only a lead excludes: reported rounds come with heartbeats and trail the
+    truth, so an old report can understate a lead (this node then waits until the next
+    heartbeat) but never invent one. A neighbour that is behind is waited for: it jumps
+    to this node's round as soon as it hears of it (:func:`catch_up`). When no neighbour is
+    alive the node waits for the present ones (dead for now, not gone), so an isolated
+    node crawls at one round per timeout instead of racing ahead alone on its own data.
     """
     mine = ctx.round
     alive = ctx.neighbors()
     if not alive:
         return ctx.present_neighbors()
-    return [p for p in alive if not _ahead(ctx.peer_round(p), mine, lag)]
+    return [p for p in alive if not _ahead(ctx.peer_round(p), mine, 0)]
 
 
 def _ahead(theirs: int | None, mine: int, lag: int) -> bool:
@@ -117,7 +113,6 @@ async def exchange(
     round: int,
     outgoing: Message,
     timeout: float,
-    lag: int = DEFAULT_LAG,
 ) -> dict[str, Message]:
     """Send ``outgoing`` to every live neighbour and gather ``round``'s messages.
 
@@ -136,7 +131,7 @@ async def exchange(
         for peer in ctx.neighbors():
             if peer not in sends:
                 sends[peer] = asyncio.ensure_future(ctx.send(peer, outgoing))
-        return expected_senders(ctx, lag)
+        return expected_senders(ctx)
 
     known = set(ctx.all_neighbors())
     ctx.on_membership_change(inbox.poke)
@@ -202,9 +197,10 @@ async def catch_up(ctx: Context, state: dict[str, torch.Tensor], round: int, lag
     behind, so no set of laggards can hold each other back (a rule that jumps only when
     every neighbour is ahead lets two adjacent laggards wait for each other for ever). Every
     round ends within ``round_timeout``, so the most advanced node keeps advancing; a node
-    that hears (by heartbeat) of a neighbour more than ``lag`` ahead stops waiting for it at
-    once (:func:`expected_senders`) and jumps at its next round start, then sends the round
-    its faster neighbours are waiting for. After a heal each node is therefore within
+    that hears (by heartbeat) of a neighbour ahead stops waiting for it at once
+    (:func:`expected_senders`), jumps at its next round start when the lead exceeds
+    ``lag``, and runs through the rounds its neighbours have passed without waiting, to the
+    round they are waiting for. After a heal each node is therefore within
     ``lag`` of its neighbours after about one heartbeat period and one pull per hop of the
     graph's diameter.
     """

@@ -90,6 +90,8 @@ class NodeContext:
         self.round = 0
         self.last_loss: float | None = None
         self.last_eval: dict[str, Any] = {}
+        #: Rounds finished when ``last_eval`` was measured.
+        self.evaluated_at = -1
         self.exchanges = 0
         self.round_ended_at: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -286,10 +288,21 @@ class NodeContext:
         periodic = node.eval_every > 0 and (round + 1) % node.eval_every == 0
         if not (last or periodic):  # eval_every <= 0: only after the last round
             return None
+        return await self._evaluate(round + 1)
+
+    async def _evaluate(self, rounds_done: int) -> dict[str, Any]:
         async with self.lock:
-            result = await self.compute(node.trainer.evaluate, cost_s=0.0)
+            result = await self.compute(self._node.trainer.evaluate, cost_s=0.0)
         self.last_eval = dict(result)
+        self.evaluated_at = rounds_done
         return self.last_eval
+
+    async def evaluate_final(self) -> None:
+        """Evaluate the final model unless the last evaluation already saw it: a node that
+        jumped to the end of its budget (catch-up) never ran its last round's evaluation."""
+        if self.last_eval and self.evaluated_at == self.round:
+            return
+        await self._evaluate(self.round)
 
     def end_round(self, round: int, **fields: Any) -> None:
         node = self._node
@@ -483,6 +496,8 @@ class Node:
             if self.checkpointer is not None:  # finished, or stopped cleanly (SIGTERM)
                 self.checkpointer.save(self, "stop" if self.stopping.is_set() else "finished")
                 await self.checkpointer.flush()
+            if not self.stopping.is_set():
+                await self.ctx.evaluate_final()
             self.finished = True
             self.metrics.write("finished", round=self.ctx.round, **_eval_fields(self.ctx))
             await self._linger()

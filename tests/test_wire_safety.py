@@ -359,3 +359,23 @@ def test_fuzzed_unary_requests_never_answer_unknown(caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.DEBUG):
         run(go())
     _no_tracebacks(caplog)
+
+
+def test_repeated_refused_exchanges_are_counted_each_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def go() -> None:
+        server = GrpcTransport(node_id="server")
+        address = await server.start(EchoService())
+        try:
+            with caplog.at_level(logging.WARNING, logger="rumor.transport"):
+                for _ in range(5):
+                    code, _ = await send_raw(address, [b"\xff\x01\x02"])
+                    assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert server.stats.rejected_in == 5
+            lines = [r.getMessage() for r in caplog.records if "server rejected" in r.getMessage()]
+            assert len(lines) == 1 and "unknown frame tag" in lines[0]
+        finally:
+            await server.stop()
+
+    run(go())

@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="first run the fault-free cluster once more per rule, measured like a schedule: "
         "the noise floor of the criteria",
     )
-    parser.add_argument("--short", action="store_true", help="the test suite's ~25 s budget")
+    parser.add_argument("--short", action="store_true", help="the test suite's 25-35 s budget")
     parser.add_argument("--keep", type=Path, help="keep every run's files in this folder")
     parser.add_argument("--dry-run", action="store_true", help="print the schedules only")
     parser.add_argument(

@@ -254,6 +254,11 @@ class Membership:
     ) -> dict[str, str]:
         """The start-up wait: each neighbour still missing after it -> its last error.
 
+        It ends when every neighbour has answered, when ``limit_s`` has passed, or as soon as
+        a neighbour that answered reports a round past 0: the cluster is already training
+        (this node restarted, or started late), so waiting for the others, which may be
+        cut off, only keeps this node idle; heartbeats take them in when they answer.
+
         An operator needs to see why a neighbour is missing (a mistyped host name, a closed
         port, a firewall), not only that it is, so the last error of each is kept. Host
         names are also resolved once, off the event loop and concurrently with the pings,
@@ -276,6 +281,8 @@ class Membership:
                     *(self._answers(transport, make_ping, nid, errors) for nid in missing)
                 )
                 missing = [nid for nid, ok in zip(missing, results, strict=True) if not ok]
+                if missing and self._cluster_running(missing):
+                    break
                 if missing:
                     await asyncio.sleep(min(0.2, max(0.0, end - loop.time())))
             if lookups is not None and missing:
@@ -291,6 +298,10 @@ class Membership:
                 errors[nid] = unresolved[nid]
             self.on_failure(nid, self.misses)
         return {nid: errors[nid] for nid in missing}
+
+    def _cluster_running(self, missing: list[str]) -> bool:
+        """Whether a neighbour that answered reports a round past 0 (it is training)."""
+        return any((p.round or 0) > 0 for nid, p in self.peers.items() if nid not in missing)
 
     async def _answers(
         self,

@@ -13,8 +13,9 @@ A "round" here is ``local_steps`` (K) training steps, for metrics and the round 
 
 Restarts and the end of a run. A node that starts (or resumes from a checkpoint) more than
 ``catch_up_lag`` rounds behind a neighbour adopts the mean model of the neighbours ahead and
-continues from their round (:func:`~rumor.algorithms.rounds.catch_up`), so it neither mixes
-a stale model into the cluster nor trains on long after the others. Partners are drawn from
+continues from their round (:func:`~rumor.algorithms.rounds.catch_up`, its own model keeping
+one share), so it neither pushes a stale model into the cluster nor trains on long after the
+others. Partners are drawn from
 every serving neighbour, including those that finished their budget and linger while a
 neighbour still trains (``linger_for_neighbours``): no node ends its run training alone.
 
@@ -64,8 +65,10 @@ class AsyncGossip(MixingRule):
     exchange_timeout:
         Seconds an exchange may take before it is abandoned.
     catch_up_lag:
-        Rounds a node may start behind its most advanced neighbour before it adopts the
-        neighbours' models and round instead of its own (checked once, at start).
+        Rounds a node may start behind its most advanced neighbour before it takes the
+        neighbours' models (mixed with its own) and round (checked once, at start). Rounds
+        are local steps here, and nodes started together drift apart by a few dozen of
+        them on small models, hence a larger default than the round-based rules'.
     """
 
     name = "async-gossip"
@@ -78,7 +81,7 @@ class AsyncGossip(MixingRule):
         rate: float = 2.0,
         local_steps: int = 1,
         exchange_timeout: float = 10.0,
-        catch_up_lag: int = 20,
+        catch_up_lag: int = 100,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be > 0")

@@ -33,7 +33,7 @@ Choices, where the paper's box leaves the runtime open:
 * **BatchNorm.** Running means and variances are averaged like parameters;
   ``num_batches_tracked`` stays local (:func:`~rumor.algorithms.averaging.mixable`).
 * **Restarts.** A node that finds any neighbour more than ``catch_up_lag`` rounds ahead
-  adopts the mean of the current models of those ahead and jumps to their round
+  averages its model with the current models of those ahead and jumps to their round
   (:func:`~rumor.algorithms.rounds.catch_up`).
 
 Example::
@@ -104,7 +104,7 @@ class DFedSAM(MixingRule):
     round_timeout:
         Seconds one gossip step waits for the neighbours' models (10.0).
     catch_up_lag:
-        Rounds behind every live neighbour before a node adopts their mean and jumps (2).
+        Rounds behind a neighbour before a node takes the models of those ahead and jumps (2).
 
     Example::
 

@@ -17,7 +17,8 @@ moment membership marks it dead, and its send to that neighbour is cut then too,
 or cut-off peer costs a round at most the failure-detection time (``heartbeat_period`` x
 ``heartbeat_misses``), never ``round_timeout`` per round. A node more than
 ``catch_up_lag`` rounds behind any neighbour (restarted, cut off) pulls the models of the
-neighbours ahead and jumps to their round (:func:`~rumor.algorithms.rounds.catch_up`).
+neighbours ahead, averages them with its own and jumps to their round
+(:func:`~rumor.algorithms.rounds.catch_up`).
 
 Example::
 
@@ -50,6 +51,9 @@ class DPSGD(MixingRule):
         K, local SGD steps per round (1 in the paper).
     round_timeout:
         Seconds to wait for the neighbours' models of a round before mixing without them.
+    catch_up_lag:
+        Rounds a node may fall behind a neighbour before it jumps to the neighbours' round
+        (:func:`~rumor.algorithms.rounds.catch_up`).
     """
 
     name = "dpsgd"
@@ -72,7 +76,7 @@ class DPSGD(MixingRule):
         state = mixable(ctx.model.state_dict())
         round = ctx.round  # nonzero after a resume from a checkpoint
         while not ctx.should_stop(round):
-            # a node far behind every live neighbour (it restarted) adopts their mean model
+            # a node far behind a neighbour (restarted, cut off) jumps with the models ahead
             round = await catch_up(ctx, state, round, self.catch_up_lag)
             if ctx.should_stop(round):
                 break

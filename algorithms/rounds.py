@@ -187,11 +187,18 @@ async def catch_up(ctx: Context, state: dict[str, torch.Tensor], round: int, lag
     Rule: when **any** serving neighbour (alive, running or finished) reports a round more
     than ``lag`` ahead of ``round`` (this node restarted, was cut off, or stalled), the node
     pulls the current model of every such neighbour. Of the pulls that succeed, it keeps
-    those within ``lag`` of the most advanced one, replaces ``state`` (in place) by their
-    mean, and continues from the lowest round among them, a round every model it adopted
-    has actually reached. Otherwise it returns ``round`` and changes nothing. A jump writes
-    a ``catch_up`` metrics line (``from_round``, ``to_round``, ``peers``); the rounds in
-    between have no ``round`` lines.
+    the k within ``lag`` of the most advanced one, sets ``state`` (in place) to the mean of
+    its own model and those k, each weighted 1/(k+1), and continues from the lowest round
+    among them, a round every model it took has actually reached. Otherwise it returns
+    ``round`` and changes nothing. A jump writes a ``catch_up`` metrics line
+    (``from_round``, ``to_round``, ``peers``); the rounds in between have no ``round`` lines.
+
+    Why its own model keeps a share: a node behind is not always a node with a stale model.
+    After a partition the half that ran slower (or smaller) trained on its own shards all
+    along, and replacing its models by the other half's would throw that away (on skewed
+    data, a large share of what the cluster knows about some classes). A restarted node's
+    checkpoint is older, but its weight is one share among k+1 and the next gossip rounds
+    average it out geometrically.
 
     Why it cannot deadlock: a jump depends only on neighbours *ahead*, never on those
     behind, so no set of laggards can hold each other back (a rule that jumps only when
@@ -215,7 +222,8 @@ async def catch_up(ctx: Context, state: dict[str, torch.Tensor], round: int, lag
     adopted = [m for m in pulled if m.round >= top - lag]
     target = min(m.round for m in adopted)
     async with ctx.lock:
-        weighted_average_(state, 0.0, [(1.0 / len(adopted), m.tensors) for m in adopted])
+        share = 1.0 / (len(adopted) + 1)
+        weighted_average_(state, share, [(share, m.tensors) for m in adopted])
     peers = [m.peer for m in adopted]
     ctx.log("caught up from round %d to %d with the models of %s", round, target, ", ".join(peers))
     ctx.note("catch_up", from_round=round, to_round=target, peers=peers)

@@ -185,12 +185,13 @@ class Settings:
     reference_bound_s: float = 400.0
 
 
-#: A fault-free run of about 60 s after t0 on two cores (dpsgd logs ~26-28 rounds/s per node,
-#: async-gossip, one local step a round and no waiting, ~320-400): the last heal comes at
-#: most ~36 s after t0, a restarted node takes 6-14 s to log a round again, and async-gossip
-#: nodes finish sooner when a fault frees CPU, yet recovery needs room to be seen.
+#: A fault-free run of about 90 s after t0 on two cores (dpsgd logs ~26-31 rounds/s per node,
+#: async-gossip, one local step a round and no waiting, ~320-420): the last heal comes at
+#: most ~36 s after t0, a restarted node takes 6-14 s to log a round again, and survivors
+#: run up to twice as fast while killed or cut-off nodes leave them the CPU, yet recovery
+#: needs room to be seen before the first node finishes.
 FULL = Settings(
-    rounds={"dpsgd": 1600, "async-gossip": 20000},
+    rounds={"dpsgd": 2700, "async-gossip": 33000},
     checkpoint_every={"dpsgd": 30, "async-gossip": 400},
     eval_every={"dpsgd": 100, "async-gossip": 1000},
 )

@@ -55,7 +55,10 @@ Measures (:func:`analyse`; all times are wall-clock seconds)
     the time it began are reported. It includes a restarted node's wait for its neighbours
     and catch-up, but not its process start-up before it serves (see *restart latency*).
 
-    **time to full rate**: the *last heal* is the latest restart, link-up or partition join.
+    **time to full rate**: the *last heal* is the latest link-up, partition join, or moment a
+    restarted node serves again (its ``start`` record; the process start-up before it, an
+    interpreter importing torch and loading data, 2-10 s on two loaded cores, is reported
+    apart as restart->serving, and so is the time until the restarted node logs a round).
     The rate of a window is the number of rounds logged in it divided by its length,
     :data:`RATE_WINDOW_S`; a window is *at full rate* when the cluster's rate (all nodes) is at
     least :data:`FULL_RATE_FRACTION` of the fault-free cluster rate and every node's own rate
@@ -778,6 +781,8 @@ class Outcome:
     below_half_s: float = 0.0
     below_half_at: str = ""
     restart_latency_s: float | None = None
+    #: Longest time a restarted process took from its launch to serving (start-up).
+    restart_serving_s: float | None = None
     #: Share of the windows (centred, from the last heal to the horizon) at full rate.
     full_share: float | None = None
     accuracy: float | None = None
@@ -807,6 +812,8 @@ class Outcome:
         lat_text = "" if lat is None else f" restart->round={lat:.1f}s"
         if lat is not None and math.isinf(lat):
             lat_text = " restart->round=never"
+        if self.restart_serving_s is not None:
+            lat_text += f" restart->serving={self.restart_serving_s:.1f}s"
         dur = "" if self.duration_s is None else f" run={self.duration_s:.0f}s"
         verdict = "PASS" if self.passed else "FAIL(" + ",".join(self.failures) + ")"
         half = f"below_half={self.below_half_s:.1f}s{self.below_half_at}"
@@ -846,6 +853,29 @@ def _at_full_rate(
     cluster = per_node.sum(axis=0) >= FULL_RATE_FRACTION * cluster_rate
     nodes = (per_node >= HALF * np.asarray(node_rates)[:, None]).all(axis=0)
     return np.asarray(cluster & nodes)
+
+
+def _heals(record: RunRecord, traces: list[Trace]) -> tuple[list[float], list[float]]:
+    """When each fault ended, and how long each restarted process took to serve.
+
+    A link-up or a partition join heals when the harness applies it. A restart heals when
+    the restarted node serves again (its ``start`` metrics record): before that the new
+    process is an interpreter importing torch and loading its data, which no network
+    behaviour can shorten; that start-up is returned apart (restart->serving)."""
+    heals: list[float] = []
+    serving: list[float] = []
+    for t, a in record.applied:
+        if a.op not in HEALS:
+            continue
+        if a.op != "restart":
+            heals.append(t)
+            continue
+        for i in a.target:
+            starts = [s for s, _ in traces[i].active if s >= t]
+            heals.append(starts[0] if starts else t)
+            if starts:
+                serving.append(starts[0] - t)
+    return heals, serving
 
 
 def analyse(record: RunRecord, reference: Reference | None) -> Outcome:
@@ -937,7 +967,9 @@ def analyse(record: RunRecord, reference: Reference | None) -> Outcome:
     if best[0]:
         out.stall_at = f"@n{best[2]}+{best[1] * GRID_S:.1f}"
 
-    heals = [t for t, a in record.applied if a.op in HEALS]
+    heals, serving = _heals(record, traces)
+    if serving:
+        out.restart_serving_s = max(serving)
     last_heal = max(heals, default=t0)
     k_heal = idx(last_heal)
 

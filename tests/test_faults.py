@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -66,22 +67,33 @@ def _longest_gap(records: list[dict[str, Any]], start: float, end: float) -> flo
     return max((b - a for a, b in itertools.pairwise(times)), default=end - start)
 
 
-def test_a_silent_neighbour_holds_a_round_no_longer_than_detection() -> None:
-    """hypercube:3, node-3's link dies for 12 s: its neighbours' sends to it hang (no answer)
-    until membership marks it dead, and not a second longer; the survivors then run at full
-    speed (each keeps a live neighbour)."""
-    fault: dict[str, float] = {}
+def _silence(
+    silent: list[str], seconds: float, fault: dict[str, float]
+) -> Callable[[InProcNetwork, dict[str, Node]], Awaitable[None]]:
+    """A scenario: once node-0 is past round 150, the ``silent`` nodes' traffic is dropped for
+    ``seconds``; the virtual times it began and ended go to ``fault``."""
 
     async def scenario(net: InProcNetwork, nodes: dict[str, Node]) -> None:
         loop = asyncio.get_running_loop()
         while nodes["node-0"].ctx.round < 150:
             await asyncio.sleep(0.05)
         fault["start"] = loop.time()
-        net.set_silent("node-3")
-        await asyncio.sleep(12.0)
-        net.set_silent("node-3", False)
+        for node in silent:
+            net.set_silent(node)
+        await asyncio.sleep(seconds)
+        for node in silent:
+            net.set_silent(node, False)
         fault["end"] = loop.time()
 
+    return scenario
+
+
+def test_a_silent_neighbour_holds_a_round_no_longer_than_detection() -> None:
+    """hypercube:3, node-3's link dies for 12 s: its neighbours' sends to it hang (no answer)
+    until membership marks it dead, and not a second longer; the survivors then run at full
+    speed (each keeps a live neighbour)."""
+    fault: dict[str, float] = {}
+    scenario = _silence(["node-3"], 12.0, fault)
     result = simulate(_configs("hypercube:3", 8, 450), step_cost_s=STEP_S, scenario=scenario)
     start, end = fault["start"], fault["end"]
     for peer in ("node-1", "node-2", "node-7"):  # node-3's neighbours in the hypercube
@@ -100,19 +112,7 @@ def test_two_adjacent_laggards_catch_up_and_the_cluster_returns_to_full_rate() -
     jump to the cluster's round with models of neighbours that are there, and the whole
     ring is back to its fault-free rate within detection + 5 s."""
     fault: dict[str, float] = {}
-
-    async def scenario(net: InProcNetwork, nodes: dict[str, Node]) -> None:
-        loop = asyncio.get_running_loop()
-        while nodes["node-0"].ctx.round < 150:
-            await asyncio.sleep(0.05)
-        fault["start"] = loop.time()
-        net.set_silent("node-3")
-        net.set_silent("node-4")
-        await asyncio.sleep(10.0)
-        net.set_silent("node-3", False)
-        net.set_silent("node-4", False)
-        fault["end"] = loop.time()
-
+    scenario = _silence(["node-3", "node-4"], 10.0, fault)
     result = simulate(_configs("ring", 8, 650), step_cost_s=STEP_S, scenario=scenario)
     start, end = fault["start"], fault["end"]
     for node in ("node-3", "node-4"):

@@ -120,8 +120,9 @@ async def exchange(
     changes; a neighbour that comes back mid-round is sent the model then), keeps only
     topology neighbours, and returns once its own sends have finished too (so the sent
     tensors may change again); a send to a neighbour marked dead ends then.
-    ``round`` is the inbox's tag (a rule may tag several exchanges per round); who is near
-    is judged on ``ctx.round``, the round neighbours report in heartbeats.
+    ``round`` is the inbox's tag (a rule may tag several exchanges per round); whether a
+    neighbour has moved past it is judged on ``ctx.round``, the round neighbours report in
+    heartbeats.
     """
     sends: dict[str, asyncio.Future[bool]] = {}
 

@@ -80,12 +80,6 @@ class Membership:
         """Every neighbour has finished its rounds or left (a dead one may still come back)."""
         return all(p.finished or p.left for p in self.peers.values())
 
-    @property
-    def detection_s(self) -> float:
-        """Longest time a silent neighbour stays alive in this view: ``misses`` periods, plus
-        the ping of the last one (at most one period)."""
-        return self.period_s * (self.misses + 1)
-
     # --- subscriptions ---------------------------------------------------------------
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Run ``callback()`` after every change of the view (idempotent per callback)."""
@@ -106,10 +100,11 @@ class Membership:
             callback()
 
     def _gone(self, peer: PeerInfo) -> None:
-        """``peer`` stopped being alive: wake whoever waits on it."""
+        """``peer`` stopped being alive: wake whoever waits on it, then every subscriber."""
         lost, peer._lost = peer._lost, None
         if lost is not None and not lost.done():
             lost.set_result(None)
+        self._changed()
 
     def all(self) -> list[str]:
         return list(self.peers)
@@ -179,7 +174,6 @@ class Membership:
                 peer.failures,
             )
             self._gone(peer)
-            self._changed()
 
     def on_leave(self, node_id: str) -> None:
         peer = self.peers.get(node_id)
@@ -189,7 +183,6 @@ class Membership:
             peer.failures = self.misses
             log.info("%s: neighbour %s left", self.node_id, node_id)
             self._gone(peer)
-            self._changed()
 
     async def probe(
         self, transport: Transport, make_ping: Callable[[], node_pb2.Ping], timeout: float

@@ -21,18 +21,22 @@ import torch
 
 from rumor.algorithms.base import PulledModel
 from rumor.algorithms.rounds import catch_up
-from rumor.cluster import build_graph, cluster_configs, node_name
+from rumor.cluster import build_graph, cluster_configs, free_ports, node_name
 from rumor.config import NodeConfig
 from rumor.node.runtime import Node
 from rumor.node.simulation import simulate
 from rumor.protocol.channels import LAN, Reconnect
 from rumor.protocol.errors import PeerUnavailable
+from rumor.protocol.grpc_transport import GrpcTransport
 from rumor.protocol.inproc import InProcNetwork
+from rumor.protocol.v1 import node_pb2
 from tests.conftest import run
+from tests.test_transport_conformance import EchoService
 
 ROUND_TIMEOUT = 5.0
 PERIOD, MISSES = 0.5, 3
-#: Longest a silent neighbour stays alive in a node's view (Membership.detection_s).
+#: Longest a silent neighbour stays alive in a node's view: ``misses`` silent periods, plus
+#: the ping in flight when it fell silent (Membership.run).
 DETECTION_S = PERIOD * (MISSES + 1)
 STEP_S = 0.05
 
@@ -216,10 +220,6 @@ def test_a_finished_node_lingers_while_a_neighbour_trains_and_leaves_when_all_ar
 def _seconds_to_reach(reconnect: Reconnect, down_s: float) -> float:
     """A client pings a port where nothing listens for ``down_s`` seconds (its channel backs
     off), then a server starts there: seconds from the server's start to the first answer."""
-    from rumor.cluster import free_ports
-    from rumor.protocol.grpc_transport import GrpcTransport
-    from rumor.protocol.v1 import node_pb2
-    from tests.test_transport_conformance import EchoService
 
     async def go() -> float:
         address = f"127.0.0.1:{free_ports(1)[0]}"
@@ -257,10 +257,6 @@ def test_a_peer_that_comes_back_is_reached_within_the_reconnect_backoff() -> Non
 def test_a_channel_replaced_by_reconnect_dials_at_once() -> None:
     """With gRPC's own slow backoff, ``Transport.reconnect`` (what a node does when a dead
     neighbour calls it) makes the next call dial without waiting out the backoff."""
-    from rumor.cluster import free_ports
-    from rumor.protocol.grpc_transport import GrpcTransport
-    from rumor.protocol.v1 import node_pb2
-    from tests.test_transport_conformance import EchoService
 
     slow = Reconnect(initial_s=5.0, max_s=60.0, connect_timeout_s=5.0)
 

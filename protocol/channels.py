@@ -75,6 +75,10 @@ def channel_options(
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.enable_http_proxy", 0),
         ("grpc.enable_retries", 0),
+        # Subchannels of its own: gRPC shares them across channels to one address by default,
+        # so a channel made afresh for a peer that came back would inherit the old one's
+        # backoff (GrpcTransport.reconnect relies on a fresh channel dialling at once).
+        ("grpc.use_local_subchannel_pool", 1),
         *reconnect.options(),
     ]
 

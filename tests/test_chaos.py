@@ -2,9 +2,11 @@
 faults, measured against a fault-free run of the same cluster.
 
 - The measures themselves, on synthetic metrics whose right answers are known (no root).
-- ``make test``: one short fixed schedule per rule, a SIGKILL and restart overlapping a 4|4
-  partition: no lock-up, no crash, full round rate within the heartbeat timeout + 5 s of the
-  last heal, final mean accuracy within 1 point of the fault-free run.
+- ``slow`` (``make test-slow``): one short fixed schedule per rule, a SIGKILL and restart
+  overlapping a 4|4 partition: no lock-up, no crash, full round rate within the heartbeat
+  timeout + 5 s of the last heal, final mean accuracy within 1 point of the fault-free run.
+  Not in ``make test``: on two shared cores the full-rate criterion sits at the noise floor
+  (fault-free runs drift by 25 % within a run), so it failed one run in several.
 - ``slow``: the named scenario and drawn schedules on the full budget
   (``make chaos`` runs many more and prints one line each).
 """
@@ -181,6 +183,7 @@ def _report(ref: chaos_lab.Reference, outcomes: list[chaos_lab.Outcome]) -> str:
 
 
 @pytest.mark.netns
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("rule", chaos_lab.RULES)
 def test_fixed_schedule_recovers(rule: str, tmp_path: Path, netns: None) -> None:
